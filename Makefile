@@ -1,0 +1,42 @@
+# replicate's two jobs: `make demo` (train the demo over towers) and `make test`.
+# Both start from nothing: they create .venv, install what is needed, then run.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEPS := $(VENV)/.deps-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint horovod install bench clean
+
+$(DEPS): setup.cfg setup.py pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=61,<81" wheel
+	$(BIN)/python -m pip install --quiet --no-build-isolation '.[test]'
+	touch $@
+
+# The package itself, installed (not linked) so that tests exercise the artifact.
+install: $(DEPS)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation --force-reinstall .
+	rm -rf build
+
+# Horovod 0.28.1 built against the installed TensorFlow, cached as a wheel.
+horovod: $(DEPS)
+	scripts/build-horovod.sh $(VENV)
+
+demo: install
+	$(BIN)/replicate demo
+
+lint: $(DEPS)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	@if [ -d docker ]; then $(BIN)/hadolint docker/*.Dockerfile; fi
+
+test: lint install horovod
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m benchmarks scaling --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,92 @@
+"""The `replicate` command: `demo` and `devices`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="replicate", description="Data-parallel training of Keras models on TensorFlow."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo", help="train a small convnet on the 8x8 digits over several devices"
+    )
+    demo.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=2,
+        help="number of towers: GPUs if present, else simulated CPU devices (default 2)",
+    )
+    demo.add_argument("--epochs", type=_positive_int, default=15, help="default 15")
+    demo.add_argument(
+        "--batch-size", type=_positive_int, default=64, help="global batch, default 64"
+    )
+    demo.add_argument(
+        "--output",
+        default="digits_convnet.keras",
+        help="where to save the trained template model (default digits_convnet.keras; '' to skip)",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+    commands.add_parser("devices", help="list TensorFlow's devices and the GPUs NVML sees")
+    return parser
+
+
+def _tower_devices(count: int) -> list[str]:
+    import tensorflow as tf
+
+    import replicate
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return replicate.simulate_devices(count)
+    if count > len(gpus):
+        raise SystemExit(
+            f"replicate: error: --devices {count} asks for more GPUs than the "
+            f"{len(gpus)} this machine has"
+        )
+    return [f"/gpu:{i}" for i in range(count)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.command == "demo":
+        from replicate import demo
+
+        devices = _tower_devices(args.devices)
+        demo.run(
+            devices,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            output=args.output or None,
+            seed=args.seed,
+        )
+        return 0
+    if args.command == "devices":
+        import replicate
+
+        print("TensorFlow devices (towers by default):")
+        for name in replicate.list_devices():
+            print(f"  {name}")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

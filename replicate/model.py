@@ -1,0 +1,218 @@
+"""ReplicatedModel: a Keras model whose train/test/predict steps run on towers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras.src.trainers.data_adapters.data_adapter_utils import (
+    unpack_x_y_sample_weight,
+)
+
+from replicate import reduce
+from replicate.backends import Backend, get_backend
+from replicate.builder import ReplicaBuilder
+
+# Reductions under which a tower's loss is the mean over its slice, so that
+# weighting towers by slice size gives the loss of the whole batch.
+_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", None)
+
+
+class ReplicatedModel(keras.Model):
+    """A Keras model that splits every batch over towers on several devices.
+
+    Made by `replicate.replicate(model)`. `compile`, `fit`, `evaluate`,
+    `predict` and callbacks behave as for the wrapped model; `template` is the
+    wrapped model itself (its variables are this model's variables), and
+    `save`/`save_weights`/`load_weights` act on it, so that checkpoints hold an
+    ordinary model with nothing tower-specific.
+    """
+
+    def __init__(
+        self,
+        template: keras.Model | Callable[[], keras.Model],
+        devices: Sequence[str] | None = None,
+        *,
+        variable_device: str = "/cpu:0",
+        backend: str | Backend = "local",
+        **backend_options: Any,
+    ) -> None:
+        builder = ReplicaBuilder(template, devices, variable_device=variable_device)
+        distribution = get_backend(backend, **backend_options)
+        super().__init__(name=f"replicated_{builder.model.name}")
+        self.template = builder.model
+        self._builder = builder
+        self._backend = distribution
+        self.built = True
+
+    # -- what users read -----------------------------------------------------
+
+    @property
+    def devices(self) -> list[str]:
+        """The tower devices, in order."""
+        return list(self._builder.devices)
+
+    @property
+    def variable_device(self) -> str:
+        """The device that holds the weights and applies the update."""
+        return self._builder.variable_device
+
+    @property
+    def builder(self) -> ReplicaBuilder:
+        """The `ReplicaBuilder` behind the steps."""
+        return self._builder
+
+    @property
+    def backend(self) -> Backend:
+        """The process backend ("local" or "horovod")."""
+        return self._backend
+
+    # -- Keras hooks -----------------------------------------------------------
+
+    def compile(
+        self, optimizer: Any = "rmsprop", loss: Any = None, *args: Any, **kwargs: Any
+    ) -> None:
+        """As `keras.Model.compile`; `jit_compile` defaults to `False` here.
+
+        Raises:
+            ValueError: For `jit_compile=True` (XLA compiles the whole step as
+                one computation and drops the per-tower device placement), or
+                for a loss whose reduction is not a mean over the batch.
+        """
+        jit_compile = kwargs.pop("jit_compile", False)
+        if jit_compile not in (False, "auto"):
+            raise ValueError(
+                "A replicated model cannot be compiled with XLA: XLA compiles the "
+                "whole train step as one computation and ignores the per-tower "
+                "device placement, so the towers would silently stop running in "
+                f"parallel. Received: jit_compile={jit_compile!r}. Use "
+                "jit_compile=False (the default here)."
+            )
+        for item in tf.nest.flatten(loss):
+            reduction = getattr(item, "reduction", None)
+            if reduction not in _MEAN_REDUCTIONS:
+                raise ValueError(
+                    "Replicated training averages the towers' losses weighted by "
+                    "slice size, which equals the whole batch's loss only for a "
+                    "mean over the batch. Received a loss with "
+                    f"reduction={reduction!r} ({item!r}). Use "
+                    "reduction='sum_over_batch_size' (the Keras default)."
+                )
+        super().compile(optimizer, loss, *args, jit_compile=False, **kwargs)
+        with tf.device(self.variable_device):
+            self.optimizer.build(self.template.trainable_variables)
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        return self._builder.call(inputs, training=bool(training))
+
+    def compute_output_spec(self, inputs: Any, training: bool = False) -> Any:
+        return self.template.compute_output_spec(inputs)
+
+    def _tower_loss(self, y: Any, y_pred: Any, sample_weight: Any = None) -> tf.Tensor:
+        loss = self._compile_loss(y, y_pred, sample_weight) if self._compile_loss else None
+        if loss is None:
+            loss = tf.zeros((), dtype=keras.config.floatx())
+        return loss
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        x, y, sample_weight = unpack_x_y_sample_weight(data)
+        step = self._builder._step(
+            x,
+            training=True,
+            loss_fn=self._tower_loss,
+            y=y,
+            sample_weight=sample_weight,
+            scale_loss=self.optimizer.scale_loss,
+        )
+        count = reduce.batch_size(x)
+        variables = self.template.trainable_variables
+        with tf.device(self.variable_device):
+            grads = self._backend.reduce_gradients(step.grads, count)
+            self.optimizer.apply_gradients(zip(grads, variables))
+        return self._update_metrics(x, y, step.outputs, sample_weight, step.loss, count)
+
+    def test_step(self, data: Any) -> dict[str, Any]:
+        x, y, sample_weight = unpack_x_y_sample_weight(data)
+        step = self._builder._step(
+            x,
+            training=False,
+            loss_fn=self._tower_loss,
+            y=y,
+            sample_weight=sample_weight,
+            gradients=False,
+        )
+        count = reduce.batch_size(x)
+        return self._update_metrics(x, y, step.outputs, sample_weight, step.loss, count)
+
+    def _update_metrics(self, x, y, y_pred, sample_weight, loss, count) -> dict[str, Any]:
+        with tf.device(self.variable_device):
+            self._loss_tracker.update_state(loss, sample_weight=count)
+            logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return self._backend.reduce_mean(logs)
+
+    # -- saving goes through the template -------------------------------------
+
+    def save(self, filepath: Any, *args: Any, **kwargs: Any) -> None:
+        """Saves the template model (an ordinary Keras model) on the chief process only."""
+        if self._backend.is_chief:
+            self.template.save(filepath, *args, **kwargs)
+
+    def save_weights(self, filepath: Any, *args: Any, **kwargs: Any) -> None:
+        """Saves the template's weights on the chief process only."""
+        if self._backend.is_chief:
+            self.template.save_weights(filepath, *args, **kwargs)
+
+    def load_weights(self, filepath: Any, *args: Any, **kwargs: Any) -> None:
+        """Loads weights saved from the template (or from an unreplicated model)."""
+        self.template.load_weights(filepath, *args, **kwargs)
+
+    def get_config(self) -> dict[str, Any]:
+        raise NotImplementedError(
+            "A ReplicatedModel is not serialised itself; save `model.template` "
+            "(what `model.save` does) and replicate it again after loading."
+        )
+
+
+def replicate(
+    model: keras.Model | Callable[[], keras.Model],
+    devices: Sequence[str] | None = None,
+    *,
+    variable_device: str = "/cpu:0",
+    backend: str | Backend = "local",
+    **backend_options: Any,
+) -> ReplicatedModel:
+    """Makes `model` train data-parallel over several devices.
+
+    Args:
+        model: A built Keras model (used as is: same object, same weights), or
+            a zero-argument function that builds one on `variable_device`.
+        devices: Tower devices. Defaults to every GPU, else every CPU device
+            (see `replicate.simulate_devices`).
+        variable_device: Where the weights live and the update is applied.
+            Defaults to `"/cpu:0"`.
+        backend: `"local"` (one process) or `"horovod"` (processes launched
+            by `horovodrun`).
+        **backend_options: Options of the backend, e.g. `compression="fp16"`
+            for Horovod.
+
+    Returns:
+        A `ReplicatedModel`; compile and fit it as the original model.
+
+    Raises:
+        TypeError: If `model` is not a Keras model.
+        ValueError: For missing or repeated devices, or an unknown backend.
+
+    Example:
+
+    ```python
+    parallel = replicate.replicate(model)
+    parallel.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    parallel.fit(x, y, batch_size=256, epochs=5)
+    parallel.template.save("model.keras")
+    ```
+    """
+    return ReplicatedModel(
+        model, devices, variable_device=variable_device, backend=backend, **backend_options
+    )

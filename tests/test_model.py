@@ -1,0 +1,192 @@
+"""replicate(model): Keras fit/evaluate/predict over towers equals one device."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import replicate
+
+
+def _compile(model, lr=0.1, **kwargs):
+    model.compile(
+        optimizer=keras.optimizers.SGD(lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        **kwargs,
+    )
+    return model
+
+
+def _fit(model, x, y, batch_size, **kwargs):
+    return model.fit(x, y, batch_size=batch_size, epochs=2, shuffle=False, verbose=0, **kwargs)
+
+
+@pytest.mark.parametrize("towers", [1, 2, 3, 4])
+@pytest.mark.parametrize("batch_size", [12, 10, 3])
+def test_fit_equals_single_device(
+    towers, batch_size, devices, mlp_factory, classification_data, weight_diff
+):
+    # 61 samples: every epoch ends on a short batch; batch 10 splits unevenly
+    # over 3 and 4 towers; batch 3 is smaller than 4 towers.
+    x, y = classification_data
+    single = _compile(mlp_factory())
+    expected = _fit(single, x, y, batch_size).history
+
+    model = mlp_factory()
+    parallel = _compile(replicate.replicate(model, devices[:towers]))
+    history = _fit(parallel, x, y, batch_size).history
+
+    assert weight_diff(model, single) <= 1e-5
+    np.testing.assert_allclose(history["loss"], expected["loss"], rtol=1e-5)
+    np.testing.assert_allclose(history["accuracy"], expected["accuracy"], rtol=1e-6)
+    assert parallel.template is model
+
+
+def test_evaluate_and_predict_equal_single_device(devices, mlp_factory, classification_data):
+    x, y = classification_data
+    single = _compile(mlp_factory())
+    parallel = _compile(replicate.replicate(mlp_factory(), devices[:3]))
+    np.testing.assert_allclose(
+        parallel.predict(x, batch_size=16, verbose=0),
+        single.predict(x, batch_size=16, verbose=0),
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        parallel.evaluate(x, y, batch_size=16, verbose=0),
+        single.evaluate(x, y, batch_size=16, verbose=0),
+        rtol=1e-6,
+    )
+
+
+def test_sample_and_class_weights(devices, mlp_factory, classification_data, weight_diff):
+    x, y = classification_data
+    weights = np.linspace(0.2, 2.0, len(x)).astype("float32")
+    classes = {0: 1.0, 1: 3.0, 2: 0.5}
+    for kwargs in ({"sample_weight": weights}, {"class_weight": classes}):
+        single = _compile(mlp_factory())
+        expected = _fit(single, x, y, 10, **kwargs).history
+        model = mlp_factory()
+        parallel = _compile(replicate.replicate(model, devices[:3]))
+        history = _fit(parallel, x, y, 10, **kwargs).history
+        assert weight_diff(model, single) <= 1e-5, kwargs
+        np.testing.assert_allclose(history["loss"], expected["loss"], rtol=1e-5)
+
+
+class _Batches(keras.utils.PyDataset):
+    def __init__(self, x, y, batch_size):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, index):
+        part = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return self.x[part], self.y[part]
+
+
+def test_dataset_and_pydataset_inputs(devices, mlp_factory, classification_data, weight_diff):
+    x, y = classification_data
+    single = _compile(mlp_factory())
+    expected = _fit(single, x, y, 10).history["loss"]
+    inputs = {
+        "tf.data": lambda: tf.data.Dataset.from_tensor_slices((x, y)).batch(10),
+        "PyDataset": lambda: _Batches(x, y, 10),
+    }
+    for name, make in inputs.items():
+        model = mlp_factory()
+        parallel = _compile(replicate.replicate(model, devices[:4]))
+        history = parallel.fit(make(), epochs=2, shuffle=False, verbose=0).history
+        assert weight_diff(model, single) <= 1e-5, name
+        np.testing.assert_allclose(history["loss"], expected, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("towers", [2, 4])
+def test_batchnorm_statistics_are_averaged(towers, devices, mlp_factory):
+    # One step on equal slices: the moving mean is the mean of the tower
+    # means, which equals the whole batch's mean. The last tower alone
+    # (last-writer-wins) would give something else.
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(16, 6)) * np.arange(1, 17)[:, None]).astype("float32")
+    y = rng.integers(0, 3, size=16)
+    single = _compile(mlp_factory(batch_norm=True))
+    single.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    model = mlp_factory(batch_norm=True)
+    parallel = _compile(replicate.replicate(model, devices[:towers]))
+    parallel.fit(x, y, batch_size=16, epochs=1, verbose=0)
+
+    bn, bn_single = model.layers[1], single.layers[1]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), bn_single.moving_mean.numpy(), atol=1e-6)
+
+    last = mlp_factory(batch_norm=True)
+    _compile(last).fit(x[-16 // towers :], y[-16 // towers :], batch_size=16, epochs=1, verbose=0)
+    assert np.abs(last.layers[1].moving_mean.numpy() - bn.moving_mean.numpy()).max() > 1e-3
+
+
+def test_dropout_masks_differ_between_towers(devices):
+    inputs = keras.Input((64,))
+    model = keras.Model(inputs, keras.layers.Dropout(0.5, seed=1)(inputs))
+    builder = replicate.ReplicaBuilder(model, devices[:2])
+    ones = np.ones((4, 64), "float32")
+    first, second = builder.towers(ones, training=True)
+    kept_first, kept_second = first.numpy() > 0, second.numpy() > 0
+    assert 0.2 < kept_first.mean() < 0.8
+    assert (kept_first != kept_second).mean() > 0.2
+    # Inference keeps everything.
+    np.testing.assert_array_equal(builder.call(ones).numpy(), ones)
+
+
+def test_checkpoint_and_save_hold_the_plain_template(
+    devices, mlp_factory, classification_data, tmp_path
+):
+    x, y = classification_data
+    model = mlp_factory()
+    parallel = _compile(replicate.replicate(model, devices[:2]))
+    path = tmp_path / "best.keras"
+    parallel.fit(
+        x,
+        y,
+        batch_size=10,
+        epochs=1,
+        verbose=0,
+        callbacks=[keras.callbacks.ModelCheckpoint(path)],
+    )
+    loaded = keras.models.load_model(path)
+    assert loaded.name == "mlp"
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+    parallel.save(tmp_path / "saved.keras")
+    assert keras.models.load_model(tmp_path / "saved.keras").count_params() == model.count_params()
+
+
+def test_towers_run_on_their_devices(devices, mlp_factory, classification_data):
+    x, y = classification_data
+    builder = replicate.ReplicaBuilder(mlp_factory(), devices[:2])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    graph = (
+        tf.function(lambda a, b: builder.compute_gradients(loss, a, b))
+        .get_concrete_function(tf.TensorSpec((None, 6)), tf.TensorSpec((None,), tf.int32))
+        .graph
+    )
+    matmuls = {op.name: op.device for op in graph.get_operations() if op.type == "MatMul"}
+    assert any(name.startswith("tower_0/") and "CPU:0" in d for name, d in matmuls.items())
+    assert any(name.startswith("tower_1/") and "CPU:1" in d for name, d in matmuls.items())
+    assert all(d for d in matmuls.values()), matmuls
+
+
+def test_jit_compile_is_refused(devices, mlp_factory):
+    parallel = replicate.replicate(mlp_factory(), devices[:2])
+    with pytest.raises(ValueError, match=r"Received: jit_compile=True"):
+        parallel.compile(optimizer="sgd", loss="mse", jit_compile=True)
+
+
+def test_sum_reduction_is_refused(devices, mlp_factory):
+    parallel = replicate.replicate(mlp_factory(), devices[:2])
+    with pytest.raises(ValueError, match=r"reduction='sum'"):
+        parallel.compile(optimizer="sgd", loss=keras.losses.MeanSquaredError(reduction="sum"))
+
+
+def test_unknown_backend_lists_choices(devices, mlp_factory):
+    with pytest.raises(ValueError, match=r"backend='nccl'.*\['local', 'horovod'\]"):
+        replicate.replicate(mlp_factory(), devices[:2], backend="nccl")
