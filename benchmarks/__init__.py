@@ -1,0 +1,1 @@
+"""replicate's benchmark suite: `python -m benchmarks {scaling,optimizers}`."""

@@ -1,0 +1,209 @@
+"""Throughput against the number of towers: replicate, MirroredStrategy, plain fit, Horovod."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks import machine, models, report, runner
+
+METHODS = ("fit", "replicate", "mirrored", "horovod")
+
+
+def _compile(model, lr: float = 0.01) -> None:
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.SGD(lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=False,
+    )
+
+
+def worker(spec: dict[str, Any], devices: list[str]) -> None:
+    """Times plain fit, replicate(n) and MirroredStrategy(n) in one process, interleaved."""
+    import tensorflow as tf
+
+    import replicate
+
+    name, batch = spec["model"], spec["batch"]
+    x, y = models.data(name, batch * spec["steps"], seed=spec["seed"])
+    contenders = []
+
+    def add(key, model, info):
+        contenders.append(runner.Contender(key, lambda: runner.time_fit(model, x, y, batch), info))
+
+    if "fit" in spec["methods"]:
+        with tf.device(devices[0]):
+            plain = models.build(name)
+        _compile(plain)
+        add("fit/1", plain, {"method": "fit", "towers": 1})
+    for n in spec["counts"]:
+        if "replicate" in spec["methods"]:
+            with tf.device("/cpu:0"):
+                template = models.build(name)
+            parallel = replicate.replicate(template, devices[:n])
+            _compile(parallel)
+            add(f"replicate/{n}", parallel, {"method": "replicate", "towers": n})
+        if "mirrored" in spec["methods"]:
+            strategy = tf.distribute.MirroredStrategy(devices[:n])
+            with strategy.scope():
+                mirrored = models.build(name)
+                _compile(mirrored)
+            add(f"mirrored/{n}", mirrored, {"method": "mirrored", "towers": n})
+    times = runner.interleave(contenders, spec["repeats"], warmup=1)
+    runner.emit({"times": times})
+
+
+def horovod_worker(spec: dict[str, Any]) -> None:
+    """One Horovod rank: one tower, its share of the global batch; rank 0 reports."""
+    import os
+
+    import tensorflow as tf
+
+    import replicate
+
+    replicate.simulate_devices(1)
+    from replicate.backends import get_backend
+
+    backend = get_backend("horovod")
+    threads = max(1, (os.cpu_count() or 1) // backend.size)
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    name, batch = spec["model"], spec["batch"] // backend.size
+    x, y = models.data(name, batch * spec["steps"], seed=spec["seed"] + backend.rank)
+    with tf.device("/cpu:0"):
+        template = models.build(name)
+    parallel = replicate.replicate(template, ["/cpu:0"], backend=backend)
+    _compile(parallel)
+    contender = runner.Contender("horovod", lambda: runner.time_fit(parallel, x, y, batch))
+    times = runner.interleave([contender], spec["repeats"], warmup=1)
+    if backend.is_chief:
+        runner.emit({"times": {f"horovod/{backend.size}": times["horovod"]}})
+
+
+def horovod_available() -> str | None:
+    """None when Horovod can run here, else why not."""
+    try:
+        import horovod  # noqa: F401
+    except ImportError:
+        return "Horovod is not installed (make horovod)"
+    if shutil.which("horovodrun", path=str(Path(sys.executable).parent)) is None:
+        return "horovodrun is not on the PATH of this Python"
+    return None
+
+
+def run(args) -> dict[str, Any]:
+    """The `scaling` command: spawns workers, aggregates, writes the three reports."""
+    quick = args.quick
+    counts = list(range(1, args.devices + 1))
+    batch = args.batch or 128
+    steps = args.steps or (48 if quick else 200)
+    repeats = args.repeats or (4 if quick else 7)
+    processes = args.processes or 2
+    methods = [m for m in args.methods if m != "horovod"]
+    horovod_reason = horovod_available() if "horovod" in args.methods else "not requested"
+    machine_info = machine.describe()
+    results: dict[str, dict[str, Any]] = {}
+    for name in args.models:
+        model_steps = max(6, steps // 4) if name != "mlp" else steps
+        model_batch = batch
+        spec = {
+            "kind": "scaling",
+            "model": name,
+            "devices": args.devices,
+            "counts": counts,
+            "batch": model_batch,
+            "steps": model_steps,
+            "repeats": repeats,
+            "methods": methods,
+        }
+        horovod_counts = counts[1:] if horovod_reason is None else []
+        progress = runner.Progress(processes * (1 + len(horovod_counts)), f"scaling {name}")
+        times: dict[str, list[float]] = {}
+        with machine.GPUMonitor() as monitor:
+            for p in range(processes):
+                out = runner.run_worker("benchmarks.worker", {**spec, "seed": p})
+                progress.step(f"process {p + 1}: fit, replicate, mirrored")
+                _extend(times, out["times"])
+                for n in horovod_counts:
+                    launcher = [
+                        str(Path(sys.executable).with_name("horovodrun")),
+                        "-np",
+                        str(n),
+                        "-H",
+                        f"localhost:{n}",
+                        "--gloo",
+                    ]
+                    out = runner.run_worker(
+                        "benchmarks.worker",
+                        {**spec, "kind": "horovod", "seed": p},
+                        launcher=launcher,
+                    )
+                    progress.step(f"process {p + 1}: horovod x{n}")
+                    _extend(times, out["times"])
+        results[name] = {
+            "batch": model_batch,
+            "steps": model_steps,
+            "times": times,
+            "gpus": monitor.summary(),
+        }
+    records = _records(results)
+    payload = {
+        "benchmark": "scaling",
+        "machine": machine_info,
+        "settings": {
+            "quick": quick,
+            "devices": args.devices,
+            "repeats_per_process": repeats,
+            "processes": processes,
+            "global_batch": batch,
+            "jit_compile": False,
+            "optimizer": "SGD(0.01)",
+            "horovod": horovod_reason or "measured",
+        },
+        "records": records,
+        "gpu_telemetry": {name: r["gpus"] for name, r in results.items()},
+    }
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "scaling.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (output / "scaling.md").write_text(report.scaling_markdown(payload))
+    report.scaling_chart(payload, output / "scaling.png")
+    return payload
+
+
+def _extend(times: dict[str, list[float]], new: dict[str, list[float]]) -> None:
+    for key, values in new.items():
+        times.setdefault(key, []).extend(values)
+
+
+def _records(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    records = []
+    for name, result in results.items():
+        base: dict[str, float] = {}
+        for key in sorted(result["times"], key=lambda k: (k.split("/")[0], int(k.split("/")[1]))):
+            method, towers = key.split("/")
+            towers = int(towers)
+            ms = runner.median(result["times"][key])
+            throughput = result["batch"] / (ms / 1000.0)
+            if towers == 1 or method not in base:
+                base.setdefault(method, throughput)
+            one = base.get(method) if method != "horovod" else base.get("replicate")
+            records.append(
+                {
+                    "model": name,
+                    "method": method,
+                    "devices": towers,
+                    "global_batch": result["batch"],
+                    "ms_per_step_median": round(ms, 3),
+                    "ms_per_step_all": [round(v, 3) for v in result["times"][key]],
+                    "examples_per_second": round(throughput, 1),
+                    "scaling_efficiency": None
+                    if not one
+                    else round(throughput / (towers * one), 3),
+                }
+            )
+    return records

@@ -1,0 +1,49 @@
+"""One benchmark process: `python -m benchmarks.worker '<json spec>'`.
+
+Sets the devices up before TensorFlow starts, builds the contenders the spec
+names, times them interleaved and prints one marked JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def _devices(count: int) -> list[str]:
+    import tensorflow as tf
+
+    import replicate
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        if count > len(gpus):
+            raise SystemExit(f"asked for {count} devices, this machine has {len(gpus)} GPUs")
+        return [f"/gpu:{i}" for i in range(count)]
+    return replicate.simulate_devices(count)
+
+
+def main(argv: list[str]) -> None:
+    spec = json.loads(argv[0])
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if spec["kind"] == "horovod":
+        from benchmarks import scaling
+
+        scaling.horovod_worker(spec)
+        return
+    devices = _devices(spec["devices"])
+    if spec["kind"] == "scaling":
+        from benchmarks import scaling
+
+        scaling.worker(spec, devices)
+    elif spec["kind"] == "optimizers":
+        from benchmarks import optimizers
+
+        optimizers.worker(spec, devices)
+    else:
+        raise SystemExit(f"unknown worker kind {spec['kind']!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
