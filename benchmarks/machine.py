@@ -58,8 +58,8 @@ def markdown(machine: dict[str, Any]) -> str:
     return (
         f"- CPU: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB\n"
         f"- GPUs: {gpus}\n"
-        f"- Python {machine['python']}, TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, "
-        f"Horovod {machine['horovod'] or 'not installed'}\n"
+        f"- Python {machine['python']}, TensorFlow {machine['tensorflow']}, "
+        f"Keras {machine['keras']}, Horovod {machine['horovod'] or 'not installed'}\n"
     )
 
 

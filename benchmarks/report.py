@@ -79,7 +79,8 @@ def optimizers_markdown(payload: dict[str, Any]) -> str:
         machine.markdown(payload["machine"]),
         f"Model {s['model']}, batch {s['batch']}; median of {s['repeats_per_process']} interleaved "
         f"repeats (A, B, A, B, ...) after warm-up, in each of {s['processes']} processes. "
-        f"Agreement: max |weight difference| after {s['agreement_steps']} steps from the same start.",
+        f"Agreement: max |weight difference| after {s['agreement_steps']} steps from the "
+        "same start.",
         "",
         "| optimizer | jit_compile | devices | keras ms/step | native ms/step | keras/native | "
         "max abs weight diff |",

@@ -16,21 +16,49 @@ _LAZY = {
     "ReplicaBuilder": "replicate.builder",
     "ReplicatedModel": "replicate.model",
     "get_backend": "replicate.backends",
+    "is_chief": "replicate.data",
+    "shard": "replicate.data",
     "list_devices": "replicate.devices",
     "replicate": "replicate.model",
     "simulate_devices": "replicate.devices",
 }
 
-__all__ = [*sorted(_LAZY), "__version__"]
+__all__ = [
+    "Backend",
+    "ReplicaBuilder",
+    "ReplicatedModel",
+    "__version__",
+    "get_backend",
+    "is_chief",
+    "list_devices",
+    "replicate",
+    "shard",
+    "simulate_devices",
+]
 
 if TYPE_CHECKING:
     from replicate.backends import Backend, get_backend
     from replicate.builder import ReplicaBuilder
+    from replicate.data import is_chief, shard
     from replicate.devices import list_devices, simulate_devices
     from replicate.model import ReplicatedModel, replicate
 
 
+_SUBMODULES = (
+    "backends",
+    "builder",
+    "callbacks",
+    "data",
+    "devices",
+    "model",
+    "reduce",
+    "telemetry",
+)
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"replicate.{name}")
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras.src.trainers.data_adapters.data_adapter_utils import (
     unpack_x_y_sample_weight,
@@ -14,6 +16,7 @@ from keras.src.trainers.data_adapters.data_adapter_utils import (
 from replicate import reduce
 from replicate.backends import Backend, get_backend
 from replicate.builder import ReplicaBuilder
+from replicate.data import ProcessBatches, agree_on_steps
 
 # Reductions under which a tower's loss is the mean over its slice, so that
 # weighting towers by slice size gives the loss of the whole batch.
@@ -149,8 +152,103 @@ class ReplicatedModel(keras.Model):
     def _update_metrics(self, x, y, y_pred, sample_weight, loss, count) -> dict[str, Any]:
         with tf.device(self.variable_device):
             self._loss_tracker.update_state(loss, sample_weight=count)
-            logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        return self._backend.reduce_mean(logs)
+            return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def get_metrics_result(self) -> dict[str, Any]:
+        """The metrics, averaged over processes (what Keras shows and records)."""
+        return self._backend.reduce_mean(super().get_metrics_result())
+
+    # -- several processes: one progress bar, one writer, agreed step counts ---
+
+    def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
+        """As `keras.Model.fit`. Across processes (Horovod), also:
+
+        - rank 0's weights and optimizer state are broadcast first, so every
+          process starts from the same point whatever its random seed;
+        - numpy data is batched so that every process runs the same number
+          of steps (a process with fewer samples gets empty batches);
+        - only rank 0 shows the progress bar and runs the callbacks that
+          write files (`ModelCheckpoint`, `TensorBoard`, `CSVLogger`).
+        """
+        call = _bind(keras.Model.fit, self, args, kwargs)
+        if self._backend.size == 1:
+            return super().fit(**call)
+        self._broadcast_state()
+        self._distribute_call(call, training=True)
+        try:
+            return super().fit(**call)
+        except Exception as error:
+            message = self._backend.describe_failure(error)
+            if message is None:
+                raise
+            raise RuntimeError(message) from error
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        """As `keras.Model.evaluate`; across processes the results are averaged."""
+        call = _bind(keras.Model.evaluate, self, args, kwargs)
+        # Inside fit, Keras evaluates the validation data it already prepared.
+        if self._backend.size > 1 and not call.get("_use_cached_eval_dataset"):
+            self._distribute_call(call, training=False)
+        return super().evaluate(**call)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        """As `keras.Model.predict`, on this process's data; only rank 0 shows progress."""
+        call = _bind(keras.Model.predict, self, args, kwargs)
+        if not self._backend.is_chief:
+            call["verbose"] = 0
+        return super().predict(**call)
+
+    def _broadcast_state(self) -> None:
+        variables = list(self.template.variables)
+        if self.optimizer is not None:
+            variables += list(self.optimizer.variables)
+        self._backend.broadcast_variables(variables, root_rank=0)
+
+    def _distribute_call(self, call: dict[str, Any], *, training: bool) -> None:
+        backend = self._backend
+        if not backend.is_chief:
+            call["verbose"] = 0
+            call["callbacks"] = [
+                c for c in call.get("callbacks") or [] if not isinstance(c, _CHIEF_ONLY)
+            ]
+        x = call.get("x")
+        if isinstance(x, tf.data.Dataset):
+            call["x"] = agree_on_steps(x, backend)
+            if training and isinstance(call.get("validation_data"), tf.data.Dataset):
+                call["validation_data"] = agree_on_steps(call["validation_data"], backend)
+            return
+        if not _is_array_data(x):
+            return
+        batch_size = call.get("batch_size") or 32
+        y, weights = call.get("y"), call.get("sample_weight")
+        split = call.pop("validation_split", 0.0) if training else 0.0
+        if split:
+            n = len(tf.nest.flatten(x)[0])
+            cut = int(n * (1.0 - split))
+
+            def head(a):
+                return tf.nest.map_structure(lambda v: None if v is None else v[:cut], a)
+
+            def tail(a):
+                return tf.nest.map_structure(lambda v: None if v is None else v[cut:], a)
+
+            call["validation_data"] = ProcessBatches(
+                tail(x), tail(y), tail(weights), batch_size=batch_size, backend=backend
+            )
+            x, y, weights = head(x), head(y), head(weights)
+        elif training and isinstance(call.get("validation_data"), tuple):
+            call["validation_data"] = ProcessBatches(
+                *call["validation_data"], batch_size=batch_size, backend=backend
+            )
+        call["x"] = ProcessBatches(
+            x,
+            y,
+            weights,
+            batch_size=batch_size,
+            backend=backend,
+            shuffle=bool(call.get("shuffle", False)) and training,
+        )
+        call["y"] = call["sample_weight"] = call["batch_size"] = None
 
     # -- saving goes through the template -------------------------------------
 
@@ -173,6 +271,27 @@ class ReplicatedModel(keras.Model):
             "A ReplicatedModel is not serialised itself; save `model.template` "
             "(what `model.save` does) and replicate it again after loading."
         )
+
+
+_CHIEF_ONLY = (
+    keras.callbacks.ModelCheckpoint,
+    keras.callbacks.TensorBoard,
+    keras.callbacks.CSVLogger,
+)
+
+
+def _bind(method: Callable[..., Any], model: keras.Model, args: tuple, kwargs: dict) -> dict:
+    bound = inspect.signature(method).bind(model, *args, **kwargs)
+    bound.apply_defaults()
+    call = dict(bound.arguments)
+    call.pop("self")
+    call.update(call.pop("kwargs", {}))
+    return call
+
+
+def _is_array_data(x: Any) -> bool:
+    leaves = tf.nest.flatten(x)
+    return bool(leaves) and all(isinstance(v, np.ndarray) for v in leaves)
 
 
 def replicate(

@@ -48,5 +48,9 @@ class Backend(abc.ABC):
     def broadcast_variables(self, variables: Sequence[Any], root_rank: int = 0) -> None:
         """Overwrites `variables` on every process with their values on `root_rank`."""
 
+    def describe_failure(self, error: BaseException) -> str | None:
+        """A message if `error` means another process was lost, else `None`."""
+        return None
+
     def barrier(self) -> None:
         """Waits until every process has reached this point."""

@@ -1,0 +1,134 @@
+"""Keras callbacks for replicated training: learning-rate warm-up, GPU telemetry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from replicate import telemetry
+
+
+def _process_count(model: keras.Model) -> int:
+    backend = getattr(model, "backend", None)
+    return getattr(backend, "size", 1) if backend is not None else 1
+
+
+class LearningRateWarmup(keras.callbacks.Callback):
+    """Ramps the learning rate up over the first epochs, batch by batch.
+
+    Large global batches (many processes times many towers) train badly if
+    they start at the full scaled learning rate. This starts at
+    `target / processes` (what one process would use) and reaches `target`
+    linearly after `warmup_epochs`, then leaves it alone.
+
+    Args:
+        target_learning_rate: The rate to reach, usually the single-process
+            rate times the number of processes.
+        warmup_epochs: Epochs of warm-up. Defaults to 5.
+        steps_per_epoch: Batches per epoch; read from `fit` when `None`.
+        initial_learning_rate: Where to start. Defaults to
+            `target_learning_rate / processes` (processes from the model's
+            backend; 1 for an unreplicated model).
+        verbose: 1 prints the rate at the end of warm-up.
+
+    Raises:
+        ValueError: For a non-positive `target_learning_rate` or a negative
+            `warmup_epochs`.
+
+    Example:
+
+    ```python
+    parallel = replicate.replicate(model, backend="horovod")
+    parallel.compile(optimizer=keras.optimizers.SGD(0.1 * processes), ...)
+    parallel.fit(x, y, callbacks=[LearningRateWarmup(0.1 * processes, warmup_epochs=3)])
+    ```
+    """
+
+    def __init__(
+        self,
+        target_learning_rate: float,
+        warmup_epochs: float = 5,
+        *,
+        steps_per_epoch: int | None = None,
+        initial_learning_rate: float | None = None,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__()
+        if not target_learning_rate > 0:
+            raise ValueError(
+                "`target_learning_rate` must be positive. Received: "
+                f"target_learning_rate={target_learning_rate!r}"
+            )
+        if warmup_epochs < 0:
+            raise ValueError(
+                f"`warmup_epochs` must be >= 0. Received: warmup_epochs={warmup_epochs!r}"
+            )
+        self.target = float(target_learning_rate)
+        self.warmup_epochs = warmup_epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.initial = initial_learning_rate
+        self.verbose = verbose
+        self._epoch = 0
+        self._done = False
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        if self.steps_per_epoch is None:
+            self.steps_per_epoch = self.params.get("steps") or 1
+        if self.initial is None:
+            self.initial = self.target / _process_count(self.model)
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._epoch = epoch
+
+    def rate_at(self, epoch: int, batch: int) -> float:
+        """The learning rate for `batch` of `epoch`."""
+        if self.warmup_epochs == 0:
+            return self.target
+        progress = min(1.0, (epoch + batch / self.steps_per_epoch) / self.warmup_epochs)
+        return self.initial + (self.target - self.initial) * progress
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        if self._done:
+            return
+        rate = self.rate_at(self._epoch, batch)
+        self.model.optimizer.learning_rate = rate
+        if rate >= self.target:
+            self._done = True
+            if self.verbose:
+                print(f"\nLearningRateWarmup: reached learning rate {rate:g}")
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if logs is not None:
+            logs["learning_rate"] = float(
+                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            )
+
+
+class GPUMonitor(keras.callbacks.Callback):
+    """Adds NVML readings of every GPU to the logs at each epoch's end.
+
+    Keys are `gpu{i}_utilization`, `gpu{i}_memory_used_mib`,
+    `gpu{i}_temperature_c` and `gpu{i}_power_w`, so they reach `History`,
+    `CSVLogger` and `TensorBoard`. Where NVML is absent, nothing is added and
+    `reason` says why.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason: str | None = None
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if logs is None:
+            return
+        gpus, self.reason = telemetry.gpu_stats()
+        for gpu in gpus:
+            readings = {
+                "utilization": gpu.utilization_percent,
+                "memory_used_mib": gpu.memory_used_mib,
+                "temperature_c": gpu.temperature_c,
+                "power_w": gpu.power_w,
+            }
+            for key, value in readings.items():
+                if value is not None:
+                    logs[f"gpu{gpu.index}_{key}"] = float(value)
