@@ -13,9 +13,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import replicate  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+
+import replicate  # noqa: E402
 
 
 def make_model(seed):
