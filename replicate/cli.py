@@ -44,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     commands.add_parser("devices", help="list TensorFlow's devices and the GPUs NVML sees")
+
+    export = commands.add_parser(
+        "export", help="export a saved Keras model as a SavedModel for TensorFlow Serving"
+    )
+    export.add_argument("model", help="a model saved with model.save (.keras)")
+    export.add_argument("export_base", help="folder of numbered versions, e.g. models/digits")
+    export.add_argument(
+        "--version", type=_positive_int, help="version number (default: the next free one)"
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace an existing version")
     return parser
 
 
@@ -80,10 +90,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "devices":
         import replicate
+        from replicate import telemetry
 
         print("TensorFlow devices (towers by default):")
         for name in replicate.list_devices():
             print(f"  {name}")
+        print("GPUs (NVML):")
+        print(telemetry.format_table(telemetry.gpu_stats()))
+        return 0
+    if args.command == "export":
+        from pathlib import Path
+
+        import keras
+
+        from replicate.export import export_saved_model
+
+        if not Path(args.model).is_file():
+            raise SystemExit(f"replicate export: error: no model file at {args.model!r}")
+        model = keras.models.load_model(args.model)
+        try:
+            path = export_saved_model(
+                model, args.export_base, version=args.version, overwrite=args.overwrite
+            )
+        except (FileExistsError, ValueError) as error:
+            raise SystemExit(f"replicate export: error: {error}") from None
+        print(f"exported {args.model} to {path}")
         return 0
     return 2
 
