@@ -36,7 +36,8 @@ test: lint install horovod
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: install
-	$(BIN)/python -m benchmarks scaling --quick
+	$(BIN)/replicate-bench scaling --quick --output docs/benchmarks
+	$(BIN)/replicate-bench optimizers --quick --output docs/benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info

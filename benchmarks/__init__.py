@@ -1,1 +1,1 @@
-"""replicate's benchmark suite: `python -m benchmarks {scaling,optimizers}`."""
+"""`python -m benchmarks` from a checkout runs replicate's benchmark suite (replicate.bench)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks import machine
+from replicate.bench import machine
 
 
 def _ratio(a: float | None, b: float | None) -> str:

@@ -1,4 +1,4 @@
-"""One benchmark process: `python -m benchmarks.worker '<json spec>'`.
+"""One benchmark process: `python -m replicate.bench.worker '<json spec>'`.
 
 Sets the devices up before TensorFlow starts, builds the contenders the spec
 names, times them interleaved and prints one marked JSON line.
@@ -28,17 +28,17 @@ def main(argv: list[str]) -> None:
     spec = json.loads(argv[0])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if spec["kind"] == "horovod":
-        from benchmarks import scaling
+        from replicate.bench import scaling
 
         scaling.horovod_worker(spec)
         return
     devices = _devices(spec["devices"])
     if spec["kind"] == "scaling":
-        from benchmarks import scaling
+        from replicate.bench import scaling
 
         scaling.worker(spec, devices)
     elif spec["kind"] == "optimizers":
-        from benchmarks import optimizers
+        from replicate.bench import optimizers
 
         optimizers.worker(spec, devices)
     else:

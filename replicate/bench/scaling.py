@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks import machine, models, report, runner
+from replicate.bench import machine, models, report, runner
 
 METHODS = ("fit", "replicate", "mirrored", "horovod")
 
@@ -125,7 +125,7 @@ def run(args) -> dict[str, Any]:
         times: dict[str, list[float]] = {}
         with machine.GPUMonitor() as monitor:
             for p in range(processes):
-                out = runner.run_worker("benchmarks.worker", {**spec, "seed": p})
+                out = runner.run_worker("replicate.bench.worker", {**spec, "seed": p})
                 progress.step(f"process {p + 1}: fit, replicate, mirrored")
                 _extend(times, out["times"])
                 for n in horovod_counts:
@@ -138,7 +138,7 @@ def run(args) -> dict[str, Any]:
                         "--gloo",
                     ]
                     out = runner.run_worker(
-                        "benchmarks.worker",
+                        "replicate.bench.worker",
                         {**spec, "kind": "horovod", "seed": p},
                         launcher=launcher,
                     )

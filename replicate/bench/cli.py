@@ -1,0 +1,101 @@
+"""`replicate-bench` (or `python -m benchmarks`): scaling|optimizers [--quick] [--output DIR]."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from replicate.bench import models
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _choices(allowed):
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(allowed)}"
+            )
+        return items
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    from replicate.bench import optimizers, scaling
+
+    top = argparse.ArgumentParser(
+        prog="replicate-bench", description="replicate's benchmarks (ratios against peers)."
+    )
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in (
+        ("scaling", "examples/s against the number of towers, against peers"),
+        ("optimizers", "Keras 3 optimizers against native TensorFlow optimizers"),
+    ):
+        p = commands.add_parser(name, help=help_text)
+        p.add_argument("--quick", action="store_true", help="a short run (minutes on 2 cores)")
+        p.add_argument("--output", default="benchmark-results", help="report folder")
+        p.add_argument(
+            "--devices",
+            type=_positive,
+            default=2,
+            help="devices: GPUs if present, else simulated CPU devices (default 2)",
+        )
+        p.add_argument("--repeats", type=_positive, help="counted repeats per process")
+        p.add_argument("--processes", type=_positive, help="fresh processes (default 2)")
+        p.add_argument("--steps", type=_positive, help="steps per timed pass")
+        p.add_argument("--batch", type=_positive, help="global batch")
+    sc = commands.choices["scaling"]
+    sc.add_argument(
+        "--model",
+        dest="models",
+        type=_choices(models.MODELS),
+        default=["mlp", "convnet"],
+        help="mlp, convnet, resnet or a comma list (default mlp,convnet)",
+    )
+    sc.add_argument(
+        "--methods",
+        type=_choices(scaling.METHODS),
+        default=list(scaling.METHODS),
+        help="comma list of fit, replicate, mirrored, horovod (default all)",
+    )
+    op = commands.choices["optimizers"]
+    op.add_argument(
+        "--optimizer",
+        dest="optimizer_names",
+        type=_choices(optimizers.OPTIMIZERS),
+        default=list(optimizers.OPTIMIZERS),
+        help="comma list (default all)",
+    )
+    op.add_argument("--model", dest="model", choices=models.MODELS, default="mlp")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = parser().parse_args(argv)
+    if args.command == "scaling":
+        from replicate.bench import scaling
+
+        scaling.run(args)
+    else:
+        from replicate.bench import optimizers
+
+        optimizers.run(args)
+    print(f"wrote {args.command}.json, {args.command}.md and {args.command}.png to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

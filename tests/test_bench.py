@@ -1,0 +1,128 @@
+"""The benchmark suite in a tiny configuration: outputs, agreement check, errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from replicate.bench import models, optimizers
+from replicate.optimizers import NativeOptimizer
+
+BENCH = Path(sys.executable).with_name("replicate-bench")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(*args):
+    return subprocess.run([BENCH, *map(str, args)], capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_optimizers_outputs(tmp_path):
+    result = _run(
+        "optimizers",
+        "--quick",
+        "--optimizer",
+        "sgd,adam",
+        "--repeats",
+        "1",
+        "--steps",
+        "2",
+        "--batch",
+        "16",
+        "--devices",
+        "2",
+        "--processes",
+        "1",
+        "--output",
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((tmp_path / "optimizers.json").read_text())
+    records = payload["records"]
+    assert len(records) == 2 * 3 * 2  # optimizers x (no xla, xla, 2 towers) x implementations
+    for r in records:
+        assert {
+            "optimizer",
+            "implementation",
+            "jit_compile",
+            "devices",
+            "ms_per_step_median",
+            "max_abs_weight_diff",
+        } <= set(r)
+        assert r["ms_per_step_median"] > 0
+    assert {(r["implementation"], r["jit_compile"], r["devices"]) for r in records} == {
+        (i, j, d) for i in ("keras", "native") for j, d in ((False, 1), (True, 1), (False, 2))
+    }
+    sgd = next(r for r in records if r["optimizer"] == "sgd")
+    assert sgd["max_abs_weight_diff"] <= 1e-5
+    assert payload["machine"]["cores"] >= 1 and payload["machine"]["tensorflow"]
+    table = (tmp_path / "optimizers.md").read_text()
+    assert "| optimizer | jit_compile | devices | keras ms/step" in table
+    assert (tmp_path / "optimizers.png").read_bytes().startswith(PNG)
+
+
+@pytest.mark.slow
+def test_scaling_outputs_with_every_peer(tmp_path):
+    result = _run(
+        "scaling",
+        "--model",
+        "mlp",
+        "--repeats",
+        "1",
+        "--steps",
+        "2",
+        "--batch",
+        "16",
+        "--devices",
+        "2",
+        "--processes",
+        "1",
+        "--output",
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((tmp_path / "scaling.json").read_text())
+    seen = {(r["method"], r["devices"]) for r in payload["records"]}
+    assert seen == {
+        ("fit", 1),
+        ("replicate", 1),
+        ("replicate", 2),
+        ("mirrored", 1),
+        ("mirrored", 2),
+        ("horovod", 2),
+    }
+    for r in payload["records"]:
+        assert r["examples_per_second"] == pytest.approx(
+            16 / (r["ms_per_step_median"] / 1000), rel=1e-2
+        )
+        if r["method"] != "horovod" and r["devices"] == 1:
+            assert r["scaling_efficiency"] == 1.0
+    assert "towers are simulated CPU devices" in (tmp_path / "scaling.md").read_text()
+    assert (tmp_path / "scaling.png").read_bytes().startswith(PNG)
+
+
+def test_agreement_detects_a_wrong_learning_rate():
+    spec = {"model": "mlp", "hidden": 32, "batch": 16, "steps": 5}
+    x, y = models.data("mlp", 16 * 5)
+    assert optimizers.agreement(spec, "sgd", x, y) <= 1e-6
+    wrong = NativeOptimizer("sgd", learning_rate=0.02)  # the benchmark's rate is 0.01
+    assert optimizers.agreement(spec, "sgd", x, y, native=wrong) > 1e-4
+    assert np.isfinite(optimizers.agreement(spec, "adam", x, y))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["scaling", "--model", "vgg"], "unknown vgg; choose from mlp, convnet, resnet"),
+        (["optimizers", "--optimizer", "sgd,lamb"], "unknown lamb; choose from sgd"),
+        (["scaling", "--devices", "0"], "--devices: must be a positive integer, got '0'"),
+        (["bogus"], "invalid choice: 'bogus'"),
+    ],
+)
+def test_bad_options(args, message):
+    result = _run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
