@@ -1,6 +1,6 @@
 # replicate, CPU image: Python 3.11 on Debian 12 (bookworm), TensorFlow 2.21.0,
 # the replicate package, and Horovod 0.28.1 built from source with Gloo (no MPI)
-# by scripts/build-horovod.sh. It runs the `towers` backend on simulated CPU
+# by scripts/build-horovod.sh. It runs the `local` backend (towers) on simulated CPU
 # devices and the `horovod` backend across processes or machines.
 #
 # Build, from the repository root (the Horovod compile takes a few minutes):

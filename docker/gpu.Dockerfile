@@ -16,7 +16,7 @@
 # stream_executor::gpu::AsGpuStreamValue, which the TensorFlow 2.21.0 wheel no
 # longer exports, so even a build that compiles is expected to fail on import.
 # If the Horovod step fails, either
-#   - build without it, for one machine with several GPUs (the `towers`
+#   - build without it, for one machine with several GPUs (the `local`
 #     backend needs no Horovod):
 #       docker build -f docker/gpu.Dockerfile --build-arg WITH_HOROVOD=0 -t replicate:gpu .
 #   - or, as GPU clusters usually do, take Horovod from a prebuilt container
@@ -28,7 +28,8 @@
 #   docker run --rm --gpus all replicate:gpu                  # replicate devices
 #   docker run --rm --gpus all replicate:gpu replicate demo --devices 2
 #
-# Train across two hosts (host1, host2) with 4 GPUs each, one process per GPU:
+# Train across two hosts (host1, host2) with 4 GPUs each, one process per GPU
+# (one tower each: --devices 1; or -H host1:2,host2:2 with --devices 2):
 #
 #   1. Make one ssh key pair for the cluster and put it, with an authorized_keys
 #      that holds its public half, in a folder owned by root on both hosts:
@@ -44,7 +45,7 @@
 #          bash -c 'ssh-keygen -A && exec /usr/sbin/sshd -D -p 12345'
 #   3. On host1, launch the job; horovodrun reaches both containers over ssh:
 #        docker exec -it replicate horovodrun -np 8 -H host1:4,host2:4 \
-#          -p 12345 python examples/train_digits.py --backend horovod
+#          -p 12345 python examples/train_digits.py --backend horovod --devices 1
 #      On machines with several network interfaces, add
 #      --network-interface <name> so that Gloo uses the one the hosts share.
 #
