@@ -12,6 +12,8 @@ def test_public_names():
     assert sorted(replicate.__all__) == sorted(
         [
             "Backend",
+            "is_chief",
+            "shard",
             "ReplicaBuilder",
             "ReplicatedModel",
             "__version__",
