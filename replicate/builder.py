@@ -59,6 +59,9 @@ class ReplicaBuilder:
             `replicate.list_devices()`: every GPU, or every CPU device.
         variable_device: Where the one copy of the weights, the merging and
             the optimizer update live. Defaults to `"/cpu:0"`.
+        jit_compile: Compile each tower's forward and backward pass with XLA,
+            one computation per device (the merge and the update are not
+            compiled, so the towers keep their placement). Defaults to `False`.
 
     Raises:
         TypeError: If `model` is not a Keras model (or a callable making one).
@@ -85,7 +88,12 @@ class ReplicaBuilder:
         devices: Sequence[str] | None = None,
         *,
         variable_device: str = "/cpu:0",
+        jit_compile: bool = False,
     ) -> None:
+        if jit_compile not in (True, False):
+            raise ValueError(
+                f"`jit_compile` must be True or False. Received: jit_compile={jit_compile!r}"
+            )
         self.devices = validate_devices(devices)
         self.variable_device = canonical_device(variable_device, argument="variable_device")
         if (
@@ -110,6 +118,8 @@ class ReplicaBuilder:
             )
         self.model = model
         self._training_arg = _call_accepts_training(model)
+        self.jit_compile = bool(jit_compile)
+        self._compiled: dict[tuple, Any] = {}
 
     @property
     def num_towers(self) -> int:
@@ -239,8 +249,8 @@ class ReplicaBuilder:
         model = self.model
         with tf.device(self.variable_device):
             xs, sizes = reduce.split(x, n)
-            ys = _split_like(y, sizes, n)
-            sws = _split_like(sample_weight, sizes, n)
+            ys = reduce.split_as(y, sizes, n)
+            sws = reduce.split_as(sample_weight, sizes, n)
             weights = reduce.tower_weights(sizes)
 
         if not training and loss_fn is None:
@@ -255,31 +265,54 @@ class ReplicaBuilder:
             return self._finish(outputs, None, None, None, sizes, weights, merge)
 
         with tf.device(self.variable_device):
-            state = [v.value for v in model.non_trainable_variables]
+            state = [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables]
+        tower = self._tower_function(training, loss_fn, differentiate, scale_loss)
         outputs, losses, grads, updates = [], [], [], []
         for i, device in enumerate(self.devices):
             with tf.device(device), tf.name_scope(f"tower_{i}"):
                 trainable = [tf.identity(v.value) for v in model.trainable_variables]
-                with tf.GradientTape(watch_accessed_variables=False) as tape:
-                    tape.watch(trainable)
-                    out, upd, extra = self._forward(
-                        trainable, self._tower_state(i, state), xs[i], training
-                    )
-                    loss = None
-                    if loss_fn is not None:
-                        if sws[i] is None:
-                            loss = loss_fn(ys[i], out)
-                        else:
-                            loss = loss_fn(ys[i], out, sws[i])
-                        loss = _add_model_losses(loss, extra)
+                out, upd, loss, grad = tower(
+                    trainable, self._tower_state(i, state), xs[i], ys[i], sws[i]
+                )
                 if differentiate:
-                    target = scale_loss(loss) if scale_loss is not None else loss
-                    grads.append(tape.gradient(target, trainable))
+                    grads.append(grad)
                 if loss is not None:
                     losses.append(loss)
                 outputs.append(out)
                 updates.append(upd)
         return self._finish(outputs, losses or None, grads or None, updates, sizes, weights, merge)
+
+    def _tower_function(self, training, loss_fn, differentiate, scale_loss):
+        """What one tower computes, as a function of tensors only.
+
+        With `jit_compile`, it is one XLA computation per tower, placed on the
+        tower's device by the caller's device scope; the merge and the update
+        stay outside XLA, so the placement holds.
+        """
+
+        def tower(trainable, state, x, y, sample_weight):
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(trainable)
+                out, upd, extra = self._forward(trainable, state, x, training)
+                loss = None
+                if loss_fn is not None:
+                    if sample_weight is None:
+                        loss = loss_fn(y, out)
+                    else:
+                        loss = loss_fn(y, out, sample_weight)
+                    loss = _add_model_losses(loss, extra)
+            grads = None
+            if differentiate:
+                target = scale_loss(loss) if scale_loss is not None else loss
+                grads = tape.gradient(target, trainable)
+            return out, upd, loss, grads
+
+        if not self.jit_compile:
+            return tower
+        key = (training, loss_fn, differentiate, scale_loss)
+        if key not in self._compiled:
+            self._compiled[key] = tf.function(tower, jit_compile=True, reduce_retracing=True)
+        return self._compiled[key]
 
     def _finish(self, outputs, losses, grads, updates, sizes, weights, merge) -> TowerStep:
         with tf.device(self.variable_device):
@@ -308,17 +341,6 @@ class ReplicaBuilder:
                 variable.assign(values[0])
             else:
                 variable.assign(reduce.weighted_sum([[v] for v in values], weights)[0])
-
-
-def _split_like(structure: Any, sizes: tf.Tensor, n: int) -> list[Any]:
-    if structure is None:
-        return [None] * n
-    flat = tf.nest.flatten(structure)
-    pieces = [None if t is None else tf.split(t, sizes, num=n, axis=0) for t in flat]
-    return [
-        tf.nest.pack_sequence_as(structure, [None if p is None else p[i] for p in pieces])
-        for i in range(n)
-    ]
 
 
 def _add_model_losses(loss: tf.Tensor, extra: list[tf.Tensor]) -> tf.Tensor:

@@ -7,7 +7,8 @@ import os
 import sys
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer, with an error naming the bad text."""
     try:
         value = int(text)
     except ValueError:
@@ -28,13 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--devices",
-        type=_positive_int,
+        type=positive_int,
         default=2,
         help="number of towers: GPUs if present, else simulated CPU devices (default 2)",
     )
-    demo.add_argument("--epochs", type=_positive_int, default=15, help="default 15")
+    demo.add_argument("--epochs", type=positive_int, default=15, help="default 15")
     demo.add_argument(
-        "--batch-size", type=_positive_int, default=64, help="global batch, default 64"
+        "--batch-size", type=positive_int, default=64, help="global batch, default 64"
     )
     demo.add_argument(
         "--output",
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("model", help="a model saved with model.save (.keras)")
     export.add_argument("export_base", help="folder of numbered versions, e.g. models/digits")
     export.add_argument(
-        "--version", type=_positive_int, help="version number (default: the next free one)"
+        "--version", type=positive_int, help="version number (default: the next free one)"
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing version")
     return parser

@@ -9,9 +9,6 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from keras.src.trainers.data_adapters.data_adapter_utils import (
-    unpack_x_y_sample_weight,
-)
 
 from replicate import reduce
 from replicate.backends import Backend, get_backend
@@ -77,21 +74,24 @@ class ReplicatedModel(keras.Model):
     def compile(
         self, optimizer: Any = "rmsprop", loss: Any = None, *args: Any, **kwargs: Any
     ) -> None:
-        """As `keras.Model.compile`; `jit_compile` defaults to `False` here.
+        """As `keras.Model.compile`, with `jit_compile` meaning XLA per tower.
+
+        `jit_compile=True` compiles each tower's forward and backward pass with
+        XLA, one computation per device; the merge and the optimizer update
+        run outside XLA, so that the towers keep their devices. Keras' own
+        whole-step XLA would drop the placement, so it is never used here.
+        Defaults to `False` (`"auto"` also means `False`).
 
         Raises:
-            ValueError: For `jit_compile=True` (XLA compiles the whole step as
-                one computation and drops the per-tower device placement), or
-                for a loss whose reduction is not a mean over the batch.
+            ValueError: For a `jit_compile` other than `True`, `False` or
+                `"auto"`, or for a loss whose reduction is not a mean over the
+                batch.
         """
         jit_compile = kwargs.pop("jit_compile", False)
-        if jit_compile not in (False, "auto"):
+        if jit_compile not in (True, False, "auto"):
             raise ValueError(
-                "A replicated model cannot be compiled with XLA: XLA compiles the "
-                "whole train step as one computation and ignores the per-tower "
-                "device placement, so the towers would silently stop running in "
-                f"parallel. Received: jit_compile={jit_compile!r}. Use "
-                "jit_compile=False (the default here)."
+                "`jit_compile` must be True (XLA per tower), False or 'auto' (False). "
+                f"Received: jit_compile={jit_compile!r}"
             )
         for item in tf.nest.flatten(loss):
             reduction = getattr(item, "reduction", None)
@@ -103,6 +103,7 @@ class ReplicatedModel(keras.Model):
                     f"reduction={reduction!r} ({item!r}). Use "
                     "reduction='sum_over_batch_size' (the Keras default)."
                 )
+        self._builder.jit_compile = jit_compile is True
         super().compile(optimizer, loss, *args, jit_compile=False, **kwargs)
         with tf.device(self.variable_device):
             self.optimizer.build(self.template.trainable_variables)
@@ -120,7 +121,7 @@ class ReplicatedModel(keras.Model):
         return loss
 
     def train_step(self, data: Any) -> dict[str, Any]:
-        x, y, sample_weight = unpack_x_y_sample_weight(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         step = self._builder._step(
             x,
             training=True,
@@ -137,7 +138,7 @@ class ReplicatedModel(keras.Model):
         return self._update_metrics(x, y, step.outputs, sample_weight, step.loss, count)
 
     def test_step(self, data: Any) -> dict[str, Any]:
-        x, y, sample_weight = unpack_x_y_sample_weight(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         step = self._builder._step(
             x,
             training=False,

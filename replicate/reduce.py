@@ -39,13 +39,19 @@ def split(structure: Any, n: int) -> tuple[list[Any], tf.Tensor]:
         input, `None` leaves kept) and the int32 slice sizes.
     """
     sizes = split_sizes(batch_size(structure), n)
+    return split_as(structure, sizes, n), sizes
+
+
+def split_as(structure: Any, sizes: tf.Tensor, n: int) -> list[Any]:
+    """Cuts `structure` into `n` slices of the given `sizes` (`None` gives `n` Nones)."""
+    if structure is None:
+        return [None] * n
     flat = tf.nest.flatten(structure)
     pieces = [None if t is None else tf.split(t, sizes, num=n, axis=0) for t in flat]
-    slices = [
+    return [
         tf.nest.pack_sequence_as(structure, [None if p is None else p[i] for p in pieces])
         for i in range(n)
     ]
-    return slices, sizes
 
 
 def merge(tower_outputs: Sequence[Any]) -> Any:

@@ -42,7 +42,7 @@ def test_optimizers_outputs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads((tmp_path / "optimizers.json").read_text())
     records = payload["records"]
-    assert len(records) == 2 * 3 * 2  # optimizers x (no xla, xla, 2 towers) x implementations
+    assert len(records) == 2 * 4 * 2  # optimizers x (1 or 2 devices, xla or not) x implementations
     for r in records:
         assert {
             "optimizer",
@@ -54,7 +54,7 @@ def test_optimizers_outputs(tmp_path):
         } <= set(r)
         assert r["ms_per_step_median"] > 0
     assert {(r["implementation"], r["jit_compile"], r["devices"]) for r in records} == {
-        (i, j, d) for i in ("keras", "native") for j, d in ((False, 1), (True, 1), (False, 2))
+        (i, j, d) for i in ("keras", "native") for j in (False, True) for d in (1, 2)
     }
     sgd = next(r for r in records if r["optimizer"] == "sgd")
     assert sgd["max_abs_weight_diff"] <= 1e-5

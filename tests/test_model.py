@@ -102,8 +102,8 @@ def test_dataset_and_pydataset_inputs(devices, mlp_factory, classification_data,
         np.testing.assert_allclose(history["loss"], expected, rtol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("towers", [2, 4])
-def test_batchnorm_statistics_are_averaged(towers, devices, mlp_factory):
+@pytest.mark.parametrize("towers, jit", [(2, False), (4, False), (2, True)])
+def test_batchnorm_statistics_are_averaged(towers, jit, devices, mlp_factory):
     # One step on equal slices: the moving mean is the mean of the tower
     # means, which equals the whole batch's mean. The last tower alone
     # (last-writer-wins) would give something else.
@@ -113,7 +113,7 @@ def test_batchnorm_statistics_are_averaged(towers, devices, mlp_factory):
     single = _compile(mlp_factory(batch_norm=True))
     single.fit(x, y, batch_size=16, epochs=1, verbose=0)
     model = mlp_factory(batch_norm=True)
-    parallel = _compile(replicate.replicate(model, devices[:towers]))
+    parallel = _compile(replicate.replicate(model, devices[:towers]), jit_compile=jit)
     parallel.fit(x, y, batch_size=16, epochs=1, verbose=0)
 
     bn, bn_single = model.layers[1], single.layers[1]
@@ -175,10 +175,37 @@ def test_towers_run_on_their_devices(devices, mlp_factory, classification_data):
     assert all(d for d in matmuls.values()), matmuls
 
 
-def test_jit_compile_is_refused(devices, mlp_factory):
+@pytest.mark.parametrize("towers, batch_size", [(2, 12), (3, 10)])
+def test_xla_per_tower_equals_single_device(
+    towers, batch_size, devices, mlp_factory, classification_data, weight_diff
+):
+    x, y = classification_data
+    single = _compile(mlp_factory())
+    expected = _fit(single, x, y, batch_size).history
+    model = mlp_factory()
+    parallel = _compile(replicate.replicate(model, devices[:towers]), jit_compile=True)
+    history = _fit(parallel, x, y, batch_size).history
+    assert weight_diff(model, single) <= 1e-5
+    np.testing.assert_allclose(history["loss"], expected["loss"], rtol=1e-5)
+
+
+def test_xla_towers_keep_their_devices(devices, mlp_factory):
+    builder = replicate.ReplicaBuilder(mlp_factory(), devices[:2], jit_compile=True)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    graph = (
+        tf.function(lambda a, b: builder.compute_gradients(loss, a, b))
+        .get_concrete_function(tf.TensorSpec((None, 6)), tf.TensorSpec((None,), tf.int32))
+        .graph
+    )
+    calls = [op for op in graph.get_operations() if op.type.endswith("PartitionedCall")]
+    compiled = {op.name.split("/")[0]: op.device for op in calls if op.get_attr("_XlaMustCompile")}
+    assert "CPU:0" in compiled["tower_0"] and "CPU:1" in compiled["tower_1"], compiled
+
+
+def test_bad_jit_compile_value(devices, mlp_factory):
     parallel = replicate.replicate(mlp_factory(), devices[:2])
-    with pytest.raises(ValueError, match=r"Received: jit_compile=True"):
-        parallel.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    with pytest.raises(ValueError, match=r"Received: jit_compile='yes'"):
+        parallel.compile(optimizer="sgd", loss="mse", jit_compile="yes")
 
 
 def test_sum_reduction_is_refused(devices, mlp_factory):

@@ -7,16 +7,7 @@ import os
 import sys
 
 from replicate.bench import models
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+from replicate.cli import positive_int
 
 
 def _choices(allowed):
@@ -48,14 +39,14 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--output", default="benchmark-results", help="report folder")
         p.add_argument(
             "--devices",
-            type=_positive,
+            type=positive_int,
             default=2,
             help="devices: GPUs if present, else simulated CPU devices (default 2)",
         )
-        p.add_argument("--repeats", type=_positive, help="counted repeats per process")
-        p.add_argument("--processes", type=_positive, help="fresh processes (default 2)")
-        p.add_argument("--steps", type=_positive, help="steps per timed pass")
-        p.add_argument("--batch", type=_positive, help="global batch")
+        p.add_argument("--repeats", type=positive_int, help="counted repeats per process")
+        p.add_argument("--processes", type=positive_int, help="fresh processes (default 2)")
+        p.add_argument("--steps", type=positive_int, help="steps per timed pass")
+        p.add_argument("--batch", type=positive_int, help="global batch")
     sc = commands.choices["scaling"]
     sc.add_argument(
         "--model",

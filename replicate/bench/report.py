@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from replicate.bench import machine
 
 
-def _ratio(a: float | None, b: float | None) -> str:
+def _pair(by: dict[tuple, dict[str, Any]], a: tuple, b: tuple) -> str:
+    """Step-time ratio a/b as 'median (best)'."""
+    median = _ratio_of(by[a]["ms_per_step_median"], by[b]["ms_per_step_median"])
+    best = _ratio_of(by[a]["ms_per_step_best"], by[b]["ms_per_step_best"])
+    return f"{median}x ({best}x)"
+
+
+def write(payload: dict[str, Any], output: Path) -> None:
+    """Writes `<benchmark>.json`, `.md` and `.png` for a payload into `output`."""
+    name = payload["benchmark"]
+    markdown, chart = {
+        "scaling": (scaling_markdown, scaling_chart),
+        "optimizers": (optimizers_markdown, optimizers_chart),
+    }[name]
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (output / f"{name}.md").write_text(markdown(payload))
+    chart(payload, output / f"{name}.png")
+
+
+def _ratio_of(a: float | None, b: float | None) -> str:
     return "-" if not a or not b else f"{a / b:.2f}"
 
 
@@ -19,40 +40,38 @@ def scaling_markdown(payload: dict[str, Any]) -> str:
         "",
         machine.markdown(payload["machine"]),
         f"Global batch {s['global_batch']} split over the towers, SGD, `jit_compile=False`; "
-        f"median of {s['repeats_per_process']} interleaved repeats in each of "
-        f"{s['processes']} processes. Horovod: {s['horovod']}.",
+        f"{s['repeats_per_process']} interleaved repeats in each of {s['processes']} "
+        f"processes. Horovod: {s['horovod']}. Median and best (fastest) repeat: on a shared "
+        "machine the best is the run least disturbed by others.",
         "",
-        "| model | method | devices | ms/step (median) | examples/s | scaling efficiency |",
-        "|---|---|---|---|---|---|",
+        "| model | method | devices | ms/step median | ms/step best | examples/s (median) "
+        "| scaling efficiency |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in payload["records"]:
         eff = "-" if r["scaling_efficiency"] is None else f"{r['scaling_efficiency']:.2f}"
         lines.append(
             f"| {r['model']} | {r['method']} | {r['devices']} | {r['ms_per_step_median']:.2f} | "
-            f"{r['examples_per_second']:.0f} | {eff} |"
+            f"{r['ms_per_step_best']:.2f} | {r['examples_per_second']:.0f} | {eff} |"
         )
-    lines += ["", "Ratios of step time (lower is better for replicate):", ""]
+    lines += ["", "Ratios of step time, median (best); below 1 means replicate is faster:", ""]
     for model in sorted({r["model"] for r in payload["records"]}):
-        ms = {
-            (r["method"], r["devices"]): r["ms_per_step_median"]
-            for r in payload["records"]
-            if r["model"] == model
-        }
-        for n in sorted({d for (_, d) in ms}):
-            if ("replicate", n) in ms and ("mirrored", n) in ms:
+        by = {(r["method"], r["devices"]): r for r in payload["records"] if r["model"] == model}
+
+        for n in sorted({d for (_, d) in by}):
+            if ("replicate", n) in by and ("mirrored", n) in by:
                 lines.append(
                     f"- {model}: replicate/{n} vs MirroredStrategy/{n}: "
-                    f"{_ratio(ms[('replicate', n)], ms[('mirrored', n)])}x"
+                    f"{_pair(by, ('replicate', n), ('mirrored', n))}"
                 )
-            if ("horovod", n) in ms and ("replicate", n) in ms:
+            if ("horovod", n) in by and ("replicate", n) in by:
                 lines.append(
                     f"- {model}: Horovod {n} processes x 1 tower vs replicate 1 process x "
-                    f"{n} towers: {_ratio(ms[('horovod', n)], ms[('replicate', n)])}x"
+                    f"{n} towers: {_pair(by, ('horovod', n), ('replicate', n))}"
                 )
-        if ("replicate", 1) in ms and ("fit", 1) in ms:
+        if ("replicate", 1) in by and ("fit", 1) in by:
             lines.append(
-                f"- {model}: replicate/1 vs plain fit: "
-                f"{_ratio(ms[('replicate', 1)], ms[('fit', 1)])}x"
+                f"- {model}: replicate/1 vs plain fit: {_pair(by, ('replicate', 1), ('fit', 1))}"
             )
     if any(payload.get("gpu_telemetry", {}).values()):
         lines += [
@@ -83,8 +102,8 @@ def optimizers_markdown(payload: dict[str, Any]) -> str:
         "same start.",
         "",
         "| optimizer | jit_compile | devices | keras ms/step | native ms/step | keras/native | "
-        "max abs weight diff |",
-        "|---|---|---|---|---|---|---|",
+        "keras/native (best) | max abs weight diff |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     rows: dict[tuple, dict[str, Any]] = {}
     for r in payload["records"]:
@@ -95,10 +114,13 @@ def optimizers_markdown(payload: dict[str, Any]) -> str:
         k, n = pair.get("keras"), pair.get("native")
         km = k["ms_per_step_median"] if k else None
         nm = n["ms_per_step_median"] if n else None
+        kb = k["ms_per_step_best"] if k else None
+        nb = n["ms_per_step_best"] if n else None
         diff = (k or n)["max_abs_weight_diff"]
         lines.append(
             f"| {opt} | {jit} | {devices} | {'-' if km is None else f'{km:.2f}'} | "
-            f"{'-' if nm is None else f'{nm:.2f}'} | {_ratio(km, nm)} | {diff:.2e} |"
+            f"{'-' if nm is None else f'{nm:.2f}'} | {_ratio_of(km, nm)} | {_ratio_of(kb, nb)} | "
+            f"{diff:.2e} |"
         )
     notes = payload.get("notes") or []
     if notes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -167,11 +166,7 @@ def run(args) -> dict[str, Any]:
         "records": records,
         "gpu_telemetry": {name: r["gpus"] for name, r in results.items()},
     }
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "scaling.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (output / "scaling.md").write_text(report.scaling_markdown(payload))
-    report.scaling_chart(payload, output / "scaling.png")
+    report.write(payload, Path(args.output))
     return payload
 
 
@@ -199,6 +194,7 @@ def _records(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                     "devices": towers,
                     "global_batch": result["batch"],
                     "ms_per_step_median": round(ms, 3),
+                    "ms_per_step_best": round(min(result["times"][key]), 3),
                     "ms_per_step_all": [round(v, 3) for v in result["times"][key]],
                     "examples_per_second": round(throughput, 1),
                     "scaling_efficiency": None
