@@ -142,20 +142,31 @@ def scaling_chart(payload: dict[str, Any], path: Path) -> None:
     models = sorted({r["model"] for r in payload["records"]})
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for method in ("fit", "replicate", "mirrored", "horovod"):
-            pts = sorted(
-                (r["devices"], r["examples_per_second"])
+        for color, method in enumerate(("fit", "replicate", "mirrored", "horovod")):
+            rows = sorted(
+                (r["devices"], r["examples_per_second"], r["global_batch"] / r["ms_per_step_best"])
                 for r in payload["records"]
                 if r["model"] == model and r["method"] == method
             )
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            if rows:
+                c = f"C{color}"
+                xs = [row[0] for row in rows]
+                ax.plot(xs, [row[1] for row in rows], marker="o", color=c, label=f"{method} median")
+                ax.plot(
+                    xs,
+                    [row[2] * 1000 for row in rows],
+                    marker="^",
+                    linestyle="--",
+                    color=c,
+                    alpha=0.6,
+                    label=f"{method} best",
+                )
         ax.set_title(model)
         ax.set_xlabel("devices (towers or processes)")
         ax.set_ylabel("examples / second")
         ax.set_xticks(sorted({r["devices"] for r in payload["records"]}))
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.suptitle(f"Scaling on {payload['machine']['cpu'][:50]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
