@@ -28,8 +28,8 @@ demo: install
 	$(BIN)/replicate demo
 
 lint: $(DEPS)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check --no-cache .
+	$(BIN)/ruff format --check --no-cache .
 	@if [ -d docker ]; then $(BIN)/hadolint docker/*.Dockerfile; fi
 
 test: lint install horovod

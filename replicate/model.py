@@ -156,8 +156,30 @@ class ReplicatedModel(keras.Model):
             return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def get_metrics_result(self) -> dict[str, Any]:
-        """The metrics, averaged over processes (what Keras shows and records)."""
-        return self._backend.reduce_mean(super().get_metrics_result())
+        """The metrics over every process's samples (what Keras shows and records).
+
+        Across processes, each metric's state (totals and counts) is combined
+        first, then the result is computed from it: a loss averaged over 100
+        samples on one process and 90 on another is the mean over all 190.
+        """
+        if self._backend.size == 1:
+            return super().get_metrics_result()
+        results: dict[str, Any] = {}
+        for metric in self.metrics:
+            variables = metric.variables
+            state = self._backend.reduce_state(
+                [v.value for v in variables], [v.aggregation for v in variables]
+            )
+            result = metric.stateless_result(state)
+            if isinstance(result, dict):
+                results.update(result)
+            else:
+                results[metric.name] = result
+        if tf.executing_eagerly():
+            results = {
+                k: float(v) if np.ndim(v) == 0 else np.asarray(v) for k, v in results.items()
+            }
+        return results
 
     # -- several processes: one progress bar, one writer, agreed step counts ---
 

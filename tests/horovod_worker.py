@@ -50,6 +50,13 @@ def rank_batches(x, rank, size, global_batch):
     return x[idx]
 
 
+def uneven_data(rank):
+    """Rank 0's 100 samples or rank 1's 90."""
+    rng = np.random.default_rng(rank)
+    n = 100 if rank == 0 else 90
+    return rng.normal(size=(n, 6)).astype("float32"), rng.integers(0, 3, n)
+
+
 def train(out: Path) -> None:
     parallel = None
     rank = replicate.data.process_rank()
@@ -84,15 +91,14 @@ def train(out: Path) -> None:
     }
 
     # Uneven data: rank 0 holds 100 samples, rank 1 holds 90.
-    rng = np.random.default_rng(rank)
-    n = 100 if rank == 0 else 90
-    xu = rng.normal(size=(n, 6)).astype("float32")
-    yu = rng.integers(0, 3, n)
+    xu, yu = uneven_data(rank)
     uneven = make_model(seed=5)
     p_uneven = replicate.replicate(uneven, replicate.list_devices(), backend="horovod")
     compile_(p_uneven, lr=0.05)
     h = p_uneven.fit(xu, yu, batch_size=32, epochs=2, verbose=0, validation_split=0.2)
     np.savez(out / f"uneven_rank{rank}.npz", *uneven.get_weights())
+    # Metrics cover both processes' samples: 100 + 90, not the mean of two means.
+    results["uneven_evaluate"] = p_uneven.evaluate(xu, yu, batch_size=32, verbose=0)
     results["uneven_epochs"] = len(h.history["loss"])
     results["uneven_val_loss"] = h.history["val_loss"]
 

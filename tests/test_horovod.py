@@ -61,6 +61,15 @@ def _weights(path):
         return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
 
 
+def _worker_module():
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        import horovod_worker
+    finally:
+        sys.path.pop(0)
+    return horovod_worker
+
+
 def test_ranks_end_identical_and_equal_one_process_with_four_towers(trained, devices, weight_diff):
     out, ranks, _ = trained
     w0, w1 = _weights(out / "weights_rank0.npz"), _weights(out / "weights_rank1.npz")
@@ -68,11 +77,7 @@ def test_ranks_end_identical_and_equal_one_process_with_four_towers(trained, dev
         np.testing.assert_array_equal(a, b)
 
     # One process, 4 towers, the same global batches, the same warm-up.
-    sys.path.insert(0, str(WORKER.parent))
-    try:
-        import horovod_worker as worker
-    finally:
-        sys.path.pop(0)
+    worker = _worker_module()
     model = worker.make_model(seed=100)  # rank 0's seed: the broadcast wins
     parallel = replicate.replicate(model, devices)
     worker.compile_(parallel)
@@ -110,7 +115,7 @@ def test_only_rank_zero_writes_and_prints(trained):
     assert loaded.name == "mlp"
 
 
-def test_uneven_data_finishes_on_both_ranks(trained):
+def test_uneven_data_finishes_on_both_ranks(trained, devices):
     out, ranks, _ = trained
     assert ranks[0]["uneven_epochs"] == ranks[1]["uneven_epochs"] == 2
     assert ranks[0]["uneven_val_loss"] == ranks[1]["uneven_val_loss"]
@@ -118,6 +123,17 @@ def test_uneven_data_finishes_on_both_ranks(trained):
     for a, b in zip(u0, u1, strict=True):
         np.testing.assert_array_equal(a, b)
         assert np.isfinite(a).all()
+
+    # evaluate() across processes equals one process evaluating all 190 samples.
+    worker = _worker_module()
+    model = worker.make_model(seed=5)
+    model.set_weights(u0)
+    worker.compile_(model)
+    x = np.concatenate([worker.uneven_data(0)[0], worker.uneven_data(1)[0]])
+    y = np.concatenate([worker.uneven_data(0)[1], worker.uneven_data(1)[1]])
+    expected = model.evaluate(x, y, batch_size=32, verbose=0)
+    assert ranks[0]["uneven_evaluate"] == ranks[1]["uneven_evaluate"]
+    np.testing.assert_allclose(ranks[0]["uneven_evaluate"], expected, rtol=1e-5)
 
 
 def test_evaluate_is_averaged_over_processes(trained):

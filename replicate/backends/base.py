@@ -37,9 +37,10 @@ class Backend(abc.ABC):
         """Averages gradients over processes, weighted by each one's `count` of samples."""
         return list(grads)
 
-    def reduce_mean(self, values: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        """Averages scalar values (losses, metrics) over processes."""
-        return values
+    def reduce_state(self, values: Sequence[tf.Tensor], aggregations: Sequence[str]) -> list[Any]:
+        """Combines metric state over processes: summed where `aggregation` is "sum",
+        else averaged, so that a metric's result covers every process's samples."""
+        return list(values)
 
     def reduce_max(self, value: tf.Tensor) -> tf.Tensor:
         """The maximum of an integer scalar over processes."""

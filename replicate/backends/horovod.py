@@ -92,16 +92,18 @@ class HorovodBackend(Backend):
             out[i] = tf.math.divide_no_nan(g, tf.cast(total, g.dtype))
         return out
 
-    def reduce_mean(self, values: dict[str, Any]) -> dict[str, Any]:
+    def reduce_state(self, values: Sequence[Any], aggregations: Sequence[str]) -> list[Any]:
         if self.size == 1 or not values:
-            return values
-        keys = sorted(k for k, v in values.items() if _is_scalar(v))
-        if not keys:
-            return values
-        tensors = [tf.cast(tf.convert_to_tensor(values[k]), tf.float32) for k in keys]
-        averaged = self._hvd.grouped_allreduce(tensors, op=self._hvd.Average)
-        out = dict(values)
-        out.update(zip(keys, averaged))
+            return list(values)
+        out: list[Any] = list(values)
+        for op, wanted in ((self._hvd.Sum, True), (self._hvd.Average, False)):
+            chosen = [i for i, a in enumerate(aggregations) if (a == "sum") == wanted]
+            if not chosen:
+                continue
+            tensors = [tf.convert_to_tensor(values[i]) for i in chosen]
+            reduced = self._hvd.grouped_allreduce(tensors, op=op)
+            for i, r in zip(chosen, reduced, strict=True):
+                out[i] = r
         return out
 
     def reduce_max(self, value: Any) -> Any:
@@ -132,10 +134,3 @@ class HorovodBackend(Backend):
     def barrier(self) -> None:
         if self.size > 1:
             self._hvd.allreduce(tf.zeros((1,)), op=self._hvd.Sum)
-
-
-def _is_scalar(value: Any) -> bool:
-    try:
-        return tf.convert_to_tensor(value).shape.rank == 0
-    except (TypeError, ValueError):
-        return False
