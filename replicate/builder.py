@@ -230,6 +230,7 @@ class ReplicaBuilder:
         merge: bool = True,
         gradients: bool = True,
         scale_loss: Callable[[tf.Tensor], tf.Tensor] | None = None,
+        loss_state: Sequence[Any] = (),
     ) -> TowerStep:
         """Runs every tower once and merges what they return.
 
@@ -243,6 +244,10 @@ class ReplicaBuilder:
             gradients: With `loss_fn`, also differentiate it.
             scale_loss: Applied to each tower's loss before differentiating
                 (a loss-scale optimizer's `scale_loss`).
+            loss_state: Variables that `loss_fn` updates (Keras' per-output
+                loss trackers). Towers get their values and return new ones;
+                the changes are added up (sums) or averaged by slice size
+                (means) and written once, outside any XLA computation.
         """
         differentiate = loss_fn is not None and gradients
         n = self.num_towers
@@ -264,15 +269,17 @@ class ReplicaBuilder:
                         outputs.append(model(xs[i]))
             return self._finish(outputs, None, None, None, sizes, weights, merge)
 
+        loss_state = list(loss_state)
         with tf.device(self.variable_device):
             state = [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables]
-        tower = self._tower_function(training, loss_fn, differentiate, scale_loss)
-        outputs, losses, grads, updates = [], [], [], []
+            tracked = [tf.convert_to_tensor(v.value) for v in loss_state]
+        tower = self._tower_function(training, loss_fn, differentiate, scale_loss, loss_state)
+        outputs, losses, grads, updates, tracker_updates = [], [], [], [], []
         for i, device in enumerate(self.devices):
             with tf.device(device), tf.name_scope(f"tower_{i}"):
                 trainable = [tf.identity(v.value) for v in model.trainable_variables]
-                out, upd, loss, grad = tower(
-                    trainable, self._tower_state(i, state), xs[i], ys[i], sws[i]
+                out, upd, loss, grad, tracker = tower(
+                    trainable, self._tower_state(i, state), tracked, xs[i], ys[i], sws[i]
                 )
                 if differentiate:
                     grads.append(grad)
@@ -280,9 +287,13 @@ class ReplicaBuilder:
                     losses.append(loss)
                 outputs.append(out)
                 updates.append(upd)
+                tracker_updates.append(tracker)
+        if loss_state:
+            with tf.device(self.variable_device):
+                _write_loss_state(loss_state, tracked, tracker_updates, weights)
         return self._finish(outputs, losses or None, grads or None, updates, sizes, weights, merge)
 
-    def _tower_function(self, training, loss_fn, differentiate, scale_loss):
+    def _tower_function(self, training, loss_fn, differentiate, scale_loss, loss_state):
         """What one tower computes, as a function of tensors only.
 
         With `jit_compile`, it is one XLA computation per tower, placed on the
@@ -290,26 +301,31 @@ class ReplicaBuilder:
         stay outside XLA, so the placement holds.
         """
 
-        def tower(trainable, state, x, y, sample_weight):
+        def tower(trainable, state, tracked, x, y, sample_weight):
+            tracker = list(tracked)
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(trainable)
                 out, upd, extra = self._forward(trainable, state, x, training)
                 loss = None
                 if loss_fn is not None:
-                    if sample_weight is None:
-                        loss = loss_fn(y, out)
-                    else:
-                        loss = loss_fn(y, out, sample_weight)
+                    with keras.StatelessScope(
+                        state_mapping=list(zip(loss_state, tracked))
+                    ) as scope:
+                        if sample_weight is None:
+                            loss = loss_fn(y, out)
+                        else:
+                            loss = loss_fn(y, out, sample_weight)
+                    tracker = [scope.get_current_value(v) for v in loss_state]
                     loss = _add_model_losses(loss, extra)
             grads = None
             if differentiate:
                 target = scale_loss(loss) if scale_loss is not None else loss
                 grads = tape.gradient(target, trainable)
-            return out, upd, loss, grads
+            return out, upd, loss, grads, tracker
 
         if not self.jit_compile:
             return tower
-        key = (training, loss_fn, differentiate, scale_loss)
+        key = (training, loss_fn, differentiate, scale_loss, tuple(id(v) for v in loss_state))
         if key not in self._compiled:
             self._compiled[key] = tf.function(tower, jit_compile=True, reduce_retracing=True)
         return self._compiled[key]
@@ -341,6 +357,21 @@ class ReplicaBuilder:
                 variable.assign(values[0])
             else:
                 variable.assign(reduce.weighted_sum([[v] for v in values], weights)[0])
+
+
+def _write_loss_state(variables, old, per_tower, weights) -> None:
+    """Writes loss-tracker state once: the towers' changes, weighted by slice size.
+
+    A tower's tracker counts its slice as one batch (the slice's size is not
+    static), so weighting the changes by slice size counts the whole batch
+    once, with the batch's mean loss, as a single device does.
+    """
+    for j, variable in enumerate(variables):
+        news = [tracker[j] for tracker in per_tower]
+        if all(new is old[j] for new in news):
+            continue
+        deltas = [[new - old[j]] for new in news]
+        variable.assign(old[j] + reduce.weighted_sum(deltas, weights)[0])
 
 
 def _add_model_losses(loss: tf.Tensor, extra: list[tf.Tensor]) -> tf.Tensor:

@@ -120,6 +120,11 @@ class ReplicatedModel(keras.Model):
             loss = tf.zeros((), dtype=keras.config.floatx())
         return loss
 
+    def _loss_trackers(self) -> list[Any]:
+        """The variables of Keras' per-output loss trackers (multi-output models)."""
+        metrics = getattr(self._compile_loss, "metrics", None) or []
+        return [v for m in metrics for v in m.variables]
+
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         step = self._builder._step(
@@ -129,6 +134,7 @@ class ReplicatedModel(keras.Model):
             y=y,
             sample_weight=sample_weight,
             scale_loss=self.optimizer.scale_loss,
+            loss_state=self._loss_trackers(),
         )
         count = reduce.batch_size(x)
         variables = self.template.trainable_variables
@@ -146,6 +152,7 @@ class ReplicatedModel(keras.Model):
             y=y,
             sample_weight=sample_weight,
             gradients=False,
+            loss_state=self._loss_trackers(),
         )
         count = reduce.batch_size(x)
         return self._update_metrics(x, y, step.outputs, sample_weight, step.loss, count)

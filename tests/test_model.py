@@ -202,6 +202,44 @@ def test_xla_towers_keep_their_devices(devices, mlp_factory):
     assert "CPU:0" in compiled["tower_0"] and "CPU:1" in compiled["tower_1"], compiled
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_multi_output_model_and_per_output_losses(jit, devices, classification_data, weight_diff):
+    x, y = classification_data
+    targets = {"cls": y, "reg": (x[:, :1] * 2).astype("float32")}
+
+    def make():
+        keras.utils.set_random_seed(2)
+        inputs = keras.Input((6,), name="x")
+        h = keras.layers.Dense(8, activation="relu")(inputs)
+        outputs = {
+            "cls": keras.layers.Dense(3, name="cls")(h),
+            "reg": keras.layers.Dense(1, name="reg")(h),
+        }
+        return keras.Model(inputs, outputs)
+
+    def compile_(model, **kwargs):
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss={
+                "cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                "reg": "mse",
+            },
+            metrics={"cls": ["accuracy"]},
+            **kwargs,
+        )
+        return model
+
+    single = compile_(make())
+    expected = single.fit(x, targets, batch_size=10, epochs=2, shuffle=False, verbose=0).history
+    model = make()
+    parallel = compile_(replicate.replicate(model, devices[:3]), jit_compile=jit)
+    history = parallel.fit(x, targets, batch_size=10, epochs=2, shuffle=False, verbose=0).history
+    assert weight_diff(model, single) <= 1e-5
+    assert sorted(history) == sorted(expected)  # loss, cls_loss, reg_loss, cls_accuracy
+    for key in expected:
+        np.testing.assert_allclose(history[key], expected[key], rtol=1e-5, err_msg=key)
+
+
 def test_bad_jit_compile_value(devices, mlp_factory):
     parallel = replicate.replicate(mlp_factory(), devices[:2])
     with pytest.raises(ValueError, match=r"Received: jit_compile='yes'"):
