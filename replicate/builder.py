@@ -246,8 +246,8 @@ class ReplicaBuilder:
                 (a loss-scale optimizer's `scale_loss`).
             loss_state: Variables that `loss_fn` updates (Keras' per-output
                 loss trackers). Towers get their values and return new ones;
-                the changes are added up (sums) or averaged by slice size
-                (means) and written once, outside any XLA computation.
+                the changes are weighted by slice size, added to the old
+                values and written once, outside any XLA computation.
         """
         differentiate = loss_fn is not None and gradients
         n = self.num_towers

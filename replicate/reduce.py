@@ -115,8 +115,3 @@ def weighted_sum(per_tower: Sequence[Sequence[Grad]], weights: tf.Tensor) -> lis
         return list(per_tower[0])
     scaled = [[_scale(v, weights[i]) for v in values] for i, values in enumerate(per_tower)]
     return [_add(list(column)) for column in zip(*scaled)]
-
-
-def scale_all(values: Sequence[Grad], factor: tf.Tensor | float) -> list[Grad]:
-    """Multiplies every value of a list by one scalar (`None` stays `None`)."""
-    return [_scale(v, tf.convert_to_tensor(factor)) for v in values]
