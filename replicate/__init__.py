@@ -16,9 +16,10 @@ _LAZY = {
     "ReplicaBuilder": "replicate.builder",
     "ReplicatedModel": "replicate.model",
     "get_backend": "replicate.backends",
-    "is_chief": "replicate.data",
+    "is_chief": "replicate.cluster",
     "shard": "replicate.data",
     "list_devices": "replicate.devices",
+    "process_devices": "replicate.devices",
     "replicate": "replicate.model",
     "simulate_devices": "replicate.devices",
 }
@@ -31,6 +32,7 @@ __all__ = [
     "get_backend",
     "is_chief",
     "list_devices",
+    "process_devices",
     "replicate",
     "shard",
     "simulate_devices",
@@ -39,8 +41,9 @@ __all__ = [
 if TYPE_CHECKING:
     from replicate.backends import Backend, get_backend
     from replicate.builder import ReplicaBuilder
-    from replicate.data import is_chief, shard
-    from replicate.devices import list_devices, simulate_devices
+    from replicate.cluster import is_chief
+    from replicate.data import shard
+    from replicate.devices import list_devices, process_devices, simulate_devices
     from replicate.model import ReplicatedModel, replicate
 
 
@@ -48,10 +51,14 @@ _SUBMODULES = (
     "backends",
     "builder",
     "callbacks",
+    "cluster",
     "data",
     "devices",
     "model",
+    "processes",
     "reduce",
+    "replica",
+    "steps",
     "telemetry",
 )
 

@@ -1,32 +1,68 @@
-"""ReplicaBuilder: one template model on the variable device, one tower per device."""
+"""ReplicaBuilder: one template model on the variable device, one tower per device.
+
+A training step, as data flows (`ReplicaBuilder.train`):
+
+1. The batch is cut into one non-empty slice per tower (`reduce.tower_slices`).
+2. Each tower, on its device, reads the weights, runs the forward pass
+   statelessly (state updates come back as values) and keeps its tape open.
+3. On the variable device the towers' outputs are concatenated (masks too)
+   and the loss is computed once, on the whole batch, exactly as one device
+   computes it; a small tape gives its gradient with respect to each tower's
+   outputs.
+4. Each tower, on its device, backpropagates its share of that gradient
+   through its own tape (`output_gradients`); the towers' gradients add up to
+   the single-device gradient.
+5. State updates (BatchNormalization statistics, counters) are combined by
+   each variable's `aggregation` and written once.
+
+With `BatchNormalization(synchronized=True)` in the model, steps 2 and 4 run
+in lockstep threads whose towers meet at each synchronized layer
+(`replicate.replica`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import keras
 import tensorflow as tf
+from keras.src.backend.common import masking  # Keras has no public mask accessor
 
 from replicate import reduce
 from replicate.devices import canonical_device, validate_devices
+from replicate.replica import TowerGroup
 
-# Tower i > 0 draws its random numbers (Dropout masks, noise) from the seed
-# shifted by i times this odd constant, so towers never share a mask while
-# tower 0 keeps the exact random stream of a single-device run.
+# Tower k (counted over every process) draws its random numbers (Dropout
+# masks, noise) from the seed shifted by k times this odd constant, so towers
+# never share a mask while tower 0 of process 0 keeps the exact random stream
+# of a single-device run.
 _SEED_STRIDE = 1_000_003
 
 LossFn = Callable[..., tf.Tensor]
 
 
-class TowerStep(NamedTuple):
-    """What one pass over all towers produced, merged on the variable device."""
+class Step(NamedTuple):
+    """What one training pass over all towers produced."""
 
-    loss: tf.Tensor | None
-    grads: list[Any] | None
-    outputs: Any
-    sizes: tf.Tensor
+    loss: tf.Tensor  # the batch loss, unscaled
+    grads: list[Any]  # one per trainable variable: this process's gradient
+    outputs: Any  # the merged outputs, masks attached
+    tower_outputs: list[Any]  # each tower's real outputs
+    slices: reduce.Slices
+
+
+class _Tower(NamedTuple):
+    """One tower's forward pass, kept for its backward pass."""
+
+    outputs: Any  # real rows only, masks attached
+    targets: list[tf.Tensor]  # what the loss can depend on: float outputs, model loss
+    model_loss: tf.Tensor | None  # the model's own losses on this slice, summed
+    updates: list[Any]  # new non-trainable values (None where unchanged)
+    tape: tf.GradientTape | None
+    trainable: list[tf.Tensor]  # this tower's copies of the weights
 
 
 def _is_seed_state(variable: keras.Variable) -> bool:
@@ -45,9 +81,10 @@ class ReplicaBuilder:
 
     The model's variables live once, on `variable_device`. Each tower calls the
     model under `tf.device(devices[i])` and `tf.name_scope(f"tower_{i}")` on its
-    slice of the batch; gradients and BatchNormalization statistics come back
-    to the variable device, where they are averaged, weighted by slice size, so
-    that a step equals the single-device step on the whole batch.
+    slice of the batch. The loss is computed once on the merged outputs, each
+    tower backpropagates its part on its own device, and state updates are
+    combined once, so that a step equals the single-device step on the whole
+    batch.
 
     Every method works eagerly and inside the user's own `tf.function`.
 
@@ -59,19 +96,23 @@ class ReplicaBuilder:
             `replicate.list_devices()`: every GPU, or every CPU device.
         variable_device: Where the one copy of the weights, the merging and
             the optimizer update live. Defaults to `"/cpu:0"`.
-        jit_compile: Compile each tower's forward and backward pass with XLA,
-            one computation per device (the merge and the update are not
-            compiled, so the towers keep their placement). Defaults to `False`.
+        jit_compile: Compile each tower's forward pass and its backward pass
+            with XLA, on the tower's device (the merge, the loss and the
+            update are not compiled, so the towers keep their placement).
+            Defaults to `False`.
+        backend: A process backend (`replicate.get_backend(...)`): tower seeds
+            then differ between processes, and synchronized layers sum over
+            every process's towers. Defaults to one process.
 
     Raises:
         TypeError: If `model` is not a Keras model (or a callable making one).
-        ValueError: If a device is missing or repeated, or the model is not
-            built.
+        ValueError: If a device is missing or repeated, the model is not
+            built, or `jit_compile` is combined with synchronized layers.
 
     Example:
 
     ```python
-    builder = replicate.ReplicaBuilder(model, devices=["/gpu:0", "/gpu:1"])
+    builder = replicate.ReplicaBuilder(model, devices=replicate.list_devices())
     optimizer = tf.compat.v1.train.GradientDescentOptimizer(0.1)
 
     @tf.function
@@ -89,6 +130,7 @@ class ReplicaBuilder:
         *,
         variable_device: str = "/cpu:0",
         jit_compile: bool = False,
+        backend: Any = None,
     ) -> None:
         if jit_compile not in (True, False):
             raise ValueError(
@@ -117,14 +159,39 @@ class ReplicaBuilder:
                 "batch first."
             )
         self.model = model
+        self.backend = backend
         self._training_arg = _call_accepts_training(model)
-        self.jit_compile = bool(jit_compile)
-        self._compiled: dict[tuple, Any] = {}
+        self._compiled: dict[bool, Any] = {}
+        self.jit_compile = jit_compile
+
+    @property
+    def jit_compile(self) -> bool:
+        """Whether each tower's passes are compiled with XLA."""
+        return self._jit_compile
+
+    @jit_compile.setter
+    def jit_compile(self, value: bool) -> None:
+        if value and self.synchronized:
+            raise ValueError(
+                "XLA per tower (jit_compile=True) cannot be combined with layers that "
+                "synchronize the towers (BatchNormalization(synchronized=True)): each "
+                "tower's XLA computation would have to pause in the middle to meet the "
+                "others. Use jit_compile=False, or synchronized=False."
+            )
+        self._jit_compile = bool(value)
 
     @property
     def num_towers(self) -> int:
         """The number of towers (devices)."""
         return len(self.devices)
+
+    @property
+    def synchronized(self) -> bool:
+        """Whether a layer meets the other towers mid-pass (synchronized BatchNorm)."""
+        return any(
+            getattr(layer, "synchronized", False) is True
+            for layer in self.model._flatten_layers(include_self=False)
+        )
 
     # -- public API ---------------------------------------------------------
 
@@ -132,16 +199,21 @@ class ReplicaBuilder:
         """Calls the model once per device on its slice of `x`.
 
         With `training=True`, state updates (BatchNormalization moving
-        statistics) from all towers are averaged and written once.
+        statistics) from all towers are combined and written once.
 
         Returns:
-            One output structure per tower, in device order.
+            One output structure per tower, in device order (a tower whose
+            slice is empty returns zero rows).
         """
-        return self._step(x, training=training, merge=False).outputs
+        if training:
+            return self._train(x, None).tower_outputs
+        return self._infer(x, merge=False)
 
     def call(self, x: Any, training: bool = False) -> Any:
         """The tower outputs concatenated on the variable device: `model(x)` in parallel."""
-        return self._step(x, training=training).outputs
+        if training:
+            return self._train(x, None).outputs
+        return self._infer(x)
 
     def compute_gradients(
         self,
@@ -150,25 +222,36 @@ class ReplicaBuilder:
         y: Any,
         sample_weight: Any = None,
     ) -> tuple[tf.Tensor, list[Any]]:
-        """Loss and gradients of the whole batch, computed tower by tower.
+        """Loss and gradients of the whole batch, the backward pass tower by tower.
 
-        Each tower computes `loss_fn(y_i, y_pred_i)` (or `loss_fn(y_i, y_pred_i,
-        sample_weight_i)` when weights are given) plus the model's own losses
-        (`model.losses`: weight and activity regularisation), as Keras `fit`
-        does. `loss_fn` must return the mean over its slice, as Keras losses
-        do by default; the tower gradients are then averaged weighted by slice
-        size, which equals the single-device gradient of the whole batch.
-        BatchNormalization statistics are updated (averaged over towers).
+        `loss_fn(y, y_pred)` (or `loss_fn(y, y_pred, sample_weight)` when
+        weights are given) is called once, on the variable device, with the
+        merged outputs of all towers and the whole batch's `y`: any loss
+        works as on one device (batch-level and in-batch losses, any
+        reduction, masks). The model's own losses (`model.losses`: weight and
+        activity regularisation, `add_loss`) are added as Keras `fit` does;
+        each tower's are weighted by its share of the batch. BatchNormalization
+        statistics are updated (combined over towers).
 
         Returns:
             `(loss, grads)`: the batch loss and one gradient per
             `model.trainable_variables` entry (`None` where unconnected).
         """
-        step = self._step(x, training=True, loss_fn=loss_fn, y=y, sample_weight=sample_weight)
+
+        def loss_of(outputs, model_loss):
+            if sample_weight is None:
+                loss = loss_fn(y, outputs)
+            else:
+                loss = loss_fn(y, outputs, sample_weight)
+            if model_loss is not None:
+                loss = loss + tf.cast(model_loss, loss.dtype)
+            return loss
+
+        step = self._train(x, loss_of)
         return step.loss, step.grads
 
     def apply_gradients(self, optimizer: Any, grads: Sequence[Any]) -> None:
-        """Applies averaged gradients once, on the variable device.
+        """Applies gradients once, on the variable device.
 
         Args:
             optimizer: A Keras optimizer, a native TensorFlow optimizer
@@ -188,23 +271,62 @@ class ReplicaBuilder:
         with tf.device(self.variable_device):
             apply_gradients(optimizer, grads, variables, device=self.variable_device)
 
-    # -- the tower loop -----------------------------------------------------
+    # -- the engine -----------------------------------------------------------
 
-    def _tower_state(self, i: int, values: list[tf.Tensor]) -> list[tf.Tensor]:
-        if i == 0:
-            return values
+    def slices(self, structure: Any) -> reduce.Slices:
+        """`structure` cut into one non-empty slice per tower, on the variable device."""
+        with tf.device(self.variable_device):
+            return reduce.tower_slices(structure, self.num_towers)
+
+    def group(self, slices: reduce.Slices, **options: Any) -> TowerGroup:
+        """The towers of one step; threaded where layers synchronize the towers."""
+        options.setdefault("threaded", self.synchronized)
+        return TowerGroup(
+            self.devices,
+            self.variable_device,
+            backend=self.backend,
+            present=slices.present,
+            **options,
+        )
+
+    def global_tower(self, i: int) -> int:
+        """Tower `i` of this process, counted over every process's towers."""
+        rank = 0 if self.backend is None else self.backend.rank
+        return rank * self.num_towers + i
+
+    def tower_state(self, i: int, values: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        """Non-trainable values as tower `i` sees them: its own random seeds."""
+        shift = self.global_tower(i) * _SEED_STRIDE
+        if shift == 0:
+            return list(values)
         shifted = []
         for variable, value in zip(self.model.non_trainable_variables, values):
             if _is_seed_state(variable):
-                value = value + tf.constant([i * _SEED_STRIDE, 0], value.dtype)
+                value = value + tf.constant([shift, 0], value.dtype)
             shifted.append(value)
         return shifted
 
-    def _forward(self, trainable, non_trainable, x, training):
-        """One stateless model call: outputs, new state values, model losses."""
+    def _evaluate(self, x: Any, merge: bool = True) -> tuple[Any, tf.Tensor | None]:
+        """Inference on each tower: the outputs (merged) and the model's own losses."""
+        slices = self.slices(x)
+        with tf.device(self.variable_device):
+            state = [tf.convert_to_tensor(v.value) for v in self.model.non_trainable_variables]
+        towers = self.group(slices).run(
+            lambda i: self._tower_forward(i, slices, state, False, watch=False)
+        )
+        outputs = [t.outputs for t in towers]
+        with tf.device(self.variable_device):
+            model_loss = self._combine_model_losses(towers, slices.weights)
+            return (reduce.merge(outputs) if merge else outputs), model_loss
+
+    def _infer(self, x: Any, merge: bool = True) -> Any:
+        return self._evaluate(x, merge=merge)[0]
+
+    def _forward(self, trainable, state, x, training):
+        """One stateless model call: outputs, their masks, new state values, model losses."""
         model = self.model
         mapping = list(zip(model.trainable_variables, trainable)) + list(
-            zip(model.non_trainable_variables, non_trainable)
+            zip(model.non_trainable_variables, state)
         )
         with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
             before = {id(v): scope.get_current_value(v) for v in model.non_trainable_variables}
@@ -217,168 +339,183 @@ class ReplicaBuilder:
         for v in model.non_trainable_variables:
             new = scope.get_current_value(v)
             updates.append(None if new is before[id(v)] else new)
-        return outputs, updates, losses
+        masks = [masking.get_keras_mask(t) for t in tf.nest.flatten(outputs)]
+        return outputs, masks, updates, losses
 
-    def _step(
+    def _forward_function(self) -> Callable[..., Any]:
+        if not self.jit_compile:
+            return self._forward
+        if True not in self._compiled:
+            self._compiled[True] = tf.function(
+                self._forward, jit_compile=True, reduce_retracing=True
+            )
+        return self._compiled[True]
+
+    def _tower_forward(
+        self, i: int, slices: reduce.Slices, state: list, training: bool, *, watch: bool = True
+    ) -> _Tower:
+        trainable = [tf.identity(v.value) for v in self.model.trainable_variables]
+        tape = tf.GradientTape(watch_accessed_variables=False)
+        with tape if watch else contextlib.nullcontext():
+            if watch:
+                tape.watch(trainable)
+            out, masks, updates, losses = self._forward_function()(
+                trainable, self.tower_state(i, state), slices.parts[i], training
+            )
+            for t, mask in zip(tf.nest.flatten(out), masks):
+                if mask is not None:
+                    masking.set_keras_mask(t, mask)
+            outputs = reduce.keep(out, slices.sizes[i])
+            model_loss = None
+            if losses:
+                model_loss = tf.add_n([tf.reduce_sum(tf.cast(v, tf.float32)) for v in losses])
+        targets = [t for t in tf.nest.flatten(outputs) if t is not None and t.dtype.is_floating]
+        if model_loss is not None:
+            targets.append(model_loss)
+        return _Tower(outputs, targets, model_loss, updates, tape if watch else None, trainable)
+
+    def _tower_backward(self, tower: _Tower, upstream: list, present: tf.Tensor) -> list[Any]:
+        pairs = [(t, g) for t, g in zip(tower.targets, upstream) if g is not None]
+        if not pairs:
+            return [None] * len(tower.trainable)
+        targets, output_gradients = zip(*pairs)
+        grads = tower.tape.gradient(
+            list(targets),
+            tower.trainable,
+            output_gradients=list(output_gradients),
+            unconnected_gradients=tf.UnconnectedGradients.NONE,
+        )
+        # A tower that held only a stand-in row adds exactly nothing.
+        return [reduce._scale(g, present) for g in grads]
+
+    def _train(
         self,
         x: Any,
+        loss_of: Callable[[Any, tf.Tensor | None], tf.Tensor] | None,
         *,
-        training: bool,
-        loss_fn: LossFn | None = None,
-        y: Any = None,
-        sample_weight: Any = None,
-        merge: bool = True,
-        gradients: bool = True,
-        scale_loss: Callable[[tf.Tensor], tf.Tensor] | None = None,
-        loss_state: Sequence[Any] = (),
-    ) -> TowerStep:
-        """Runs every tower once and merges what they return.
+        scale: Callable[[tf.Tensor], tf.Tensor] | None = None,
+        share: tf.Tensor | None = None,
+    ) -> Step:
+        """One training pass: forward per tower, the loss once, backward per tower.
 
         Args:
-            x, y, sample_weight: The global batch (any nesting).
-            training: Passed to the model; state updates are written back
-                (averaged over towers) when the model makes any.
-            loss_fn: Per-tower loss `loss_fn(y, y_pred[, sample_weight])`;
-                `None` for a forward pass only.
-            merge: Concatenate the outputs (else one entry per tower).
-            gradients: With `loss_fn`, also differentiate it.
-            scale_loss: Applied to each tower's loss before differentiating
-                (a loss-scale optimizer's `scale_loss`).
-            loss_state: Variables that `loss_fn` updates (Keras' per-output
-                loss trackers). Towers get their values and return new ones;
-                the changes are weighted by slice size, added to the old
-                values and written once, outside any XLA computation.
+            x: The global batch's inputs.
+            loss_of: `loss_of(merged_outputs, model_loss)` returns the batch
+                loss; `model_loss` is the model's own losses combined over the
+                towers (`None` if it has none). `None` for a forward pass
+                only (state updates are still written).
+            scale: Applied to the loss before differentiating (a loss-scale
+                optimizer's `scale_loss`).
+            share: This process's share of the global batch (several
+                processes); the gradients are then this process's part of the
+                global gradient, to be summed over processes.
         """
-        differentiate = loss_fn is not None and gradients
-        n = self.num_towers
         model = self.model
-        with tf.device(self.variable_device):
-            xs, sizes = reduce.split(x, n)
-            ys = reduce.split_as(y, sizes, n)
-            sws = reduce.split_as(sample_weight, sizes, n)
-            weights = reduce.tower_weights(sizes)
-
-        if not training and loss_fn is None:
-            # Inference needs no state handling: call the stateful model.
-            outputs = []
-            for i, device in enumerate(self.devices):
-                with tf.device(device), tf.name_scope(f"tower_{i}"):
-                    if self._training_arg:
-                        outputs.append(model(xs[i], training=False))
-                    else:
-                        outputs.append(model(xs[i]))
-            return self._finish(outputs, None, None, None, sizes, weights, merge)
-
-        loss_state = list(loss_state)
+        slices = self.slices(x)
         with tf.device(self.variable_device):
             state = [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables]
-            tracked = [tf.convert_to_tensor(v.value) for v in loss_state]
-        tower = self._tower_function(training, loss_fn, differentiate, scale_loss, loss_state)
-        outputs, losses, grads, updates, tracker_updates = [], [], [], [], []
-        for i, device in enumerate(self.devices):
-            with tf.device(device), tf.name_scope(f"tower_{i}"):
-                trainable = [tf.identity(v.value) for v in model.trainable_variables]
-                out, upd, loss, grad, tracker = tower(
-                    trainable, self._tower_state(i, state), tracked, xs[i], ys[i], sws[i]
-                )
-                if differentiate:
-                    grads.append(grad)
-                if loss is not None:
-                    losses.append(loss)
-                outputs.append(out)
-                updates.append(upd)
-                tracker_updates.append(tracker)
-        if loss_state:
-            with tf.device(self.variable_device):
-                _write_loss_state(loss_state, tracked, tracker_updates, weights)
-        return self._finish(outputs, losses or None, grads or None, updates, sizes, weights, merge)
-
-    def _tower_function(self, training, loss_fn, differentiate, scale_loss, loss_state):
-        """What one tower computes, as a function of tensors only.
-
-        With `jit_compile`, it is one XLA computation per tower, placed on the
-        tower's device by the caller's device scope; the merge and the update
-        stay outside XLA, so the placement holds.
-        """
-
-        def tower(trainable, state, tracked, x, y, sample_weight):
-            tracker = list(tracked)
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(trainable)
-                out, upd, extra = self._forward(trainable, state, x, training)
-                loss = None
-                if loss_fn is not None:
-                    with keras.StatelessScope(
-                        state_mapping=list(zip(loss_state, tracked))
-                    ) as scope:
-                        if sample_weight is None:
-                            loss = loss_fn(y, out)
-                        else:
-                            loss = loss_fn(y, out, sample_weight)
-                    tracker = [scope.get_current_value(v) for v in loss_state]
-                    loss = _add_model_losses(loss, extra)
-            grads = None
-            if differentiate:
-                target = scale_loss(loss) if scale_loss is not None else loss
-                grads = tape.gradient(target, trainable)
-            return out, upd, loss, grads, tracker
-
-        if not self.jit_compile:
-            return tower
-        key = (training, loss_fn, differentiate, scale_loss, tuple(id(v) for v in loss_state))
-        if key not in self._compiled:
-            self._compiled[key] = tf.function(tower, jit_compile=True, reduce_retracing=True)
-        return self._compiled[key]
-
-    def _finish(self, outputs, losses, grads, updates, sizes, weights, merge) -> TowerStep:
+        group = self.group(slices)
+        towers = group.run(lambda i: self._tower_forward(i, slices, state, True))
+        loss = grads = None
         with tf.device(self.variable_device):
-            loss = None
-            if losses is not None:
-                loss = reduce.weighted_sum([[v] for v in losses], weights)[0]
-            total = None
-            if grads is not None:
-                total = reduce.weighted_sum(grads, weights)
-            if updates is not None:
-                self._write_state(updates, weights)
-            merged = reduce.merge(outputs) if merge else outputs
-        return TowerStep(loss, total, merged, sizes)
-
-    def _write_state(self, updates: list[list[Any]], weights: tf.Tensor) -> None:
-        for j, variable in enumerate(self.model.non_trainable_variables):
-            values = [u[j] for u in updates]
-            if values[0] is None:
-                continue
-            if (
-                len(values) == 1
-                or _is_seed_state(variable)
-                or not variable.dtype.startswith(("float", "bfloat"))
-            ):
-                # Seeds continue tower 0's stream; integer state is not averaged.
-                variable.assign(values[0])
+            weights = slices.weights
+            if loss_of is not None:
+                watched = [t for tower in towers for t in tower.targets]
+                with tf.GradientTape(watch_accessed_variables=False) as tape:
+                    tape.watch(watched)
+                    merged = reduce.merge([t.outputs for t in towers])
+                    model_loss = self._combine_model_losses(towers, weights)
+                    loss = loss_of(merged, model_loss)
+                    target = loss if share is None else loss * tf.cast(share, loss.dtype)
+                    if scale is not None:
+                        target = scale(target)
+                upstream = tape.gradient(target, watched)
             else:
-                variable.assign(reduce.weighted_sum([[v] for v in values], weights)[0])
+                merged = reduce.merge([t.outputs for t in towers])
+        if loss_of is not None:
+            per_tower, start = [], 0
+            for tower in towers:
+                per_tower.append(upstream[start : start + len(tower.targets)])
+                start += len(tower.targets)
+            tower_grads = group.run(
+                lambda i: self._tower_backward(towers[i], per_tower[i], slices.present[i])
+            )
+            with tf.device(self.variable_device):
+                grads = [reduce.add(list(column)) for column in zip(*tower_grads)]
+        with tf.device(self.variable_device):
+            self._write_state([t.updates for t in towers], state, slices, share)
+        return Step(loss, grads, merged, [t.outputs for t in towers], slices)
 
+    def _combine_model_losses(self, towers: list[_Tower], weights: tf.Tensor) -> tf.Tensor | None:
+        """The model's own losses of the batch: each tower's, weighted by its share.
 
-def _write_loss_state(variables, old, per_tower, weights) -> None:
-    """Writes loss-tracker state once: the towers' changes, weighted by slice size.
+        Exact for losses that are means over the batch (Keras' convention:
+        regularizers of weights, activity regularizers, `add_loss` of a mean).
+        """
+        values = [t.model_loss for t in towers]
+        if all(v is None for v in values):
+            return None
+        return tf.add_n(
+            [tf.math.multiply_no_nan(v, weights[i]) for i, v in enumerate(values) if v is not None]
+        )
 
-    A tower's tracker counts its slice as one batch (the slice's size is not
-    static), so weighting the changes by slice size counts the whole batch
-    once, with the batch's mean loss, as a single device does.
-    """
-    for j, variable in enumerate(variables):
-        news = [tracker[j] for tracker in per_tower]
-        if all(new is old[j] for new in news):
-            continue
-        deltas = [[new - old[j]] for new in news]
-        variable.assign(old[j] + reduce.weighted_sum(deltas, weights)[0])
+    def _write_state(
+        self,
+        per_tower: list[list[Any]],
+        state: list[tf.Tensor],
+        slices: reduce.Slices,
+        share: tf.Tensor | None,
+    ) -> None:
+        """Combines the towers' state updates by aggregation; across processes too."""
+        variables = self.model.non_trainable_variables
+        weights = slices.weights
+        combined: list[tuple[Any, tf.Tensor, tf.Tensor]] = []
+        for j, variable in enumerate(variables):
+            news = [updates[j] for updates in per_tower]
+            if all(new is None for new in news):
+                continue
+            if _is_seed_state(variable):
+                # Tower 0 continues the stream; its shift comes back off.
+                shift = self.global_tower(0) * _SEED_STRIDE
+                value = news[0] if news[0] is not None else state[j]
+                if shift:
+                    value = value - tf.constant([shift, 0], value.dtype)
+                variable.assign(value)
+                continue
+            news = [state[j] if new is None else new for new in news]
+            value = reduce.combine_state(
+                variable.aggregation, state[j], news, weights, slices.present
+            )
+            combined.append((variable, state[j], value))
+        if combined and self.backend is not None and self.backend.size > 1:
+            combined = self._over_processes(combined, share)
+        for variable, _, value in combined:
+            variable.assign(value)
 
-
-def _add_model_losses(loss: tf.Tensor, extra: list[tf.Tensor]) -> tf.Tensor:
-    for value in extra:
-        value = tf.reduce_sum(tf.cast(value, loss.dtype))
-        loss = loss + value
-    return loss
+    def _over_processes(self, combined: list, share: tf.Tensor | None) -> list:
+        """Each process's combined state, combined again over processes."""
+        if share is None:
+            share = tf.constant(1.0 / self.backend.size)
+        sent, where = [], []
+        for k, (variable, old, value) in enumerate(combined):
+            dtype = tf.as_dtype(value.dtype)
+            if variable.aggregation == "sum":
+                sent.append(value - old)
+            elif variable.aggregation == "mean" or (
+                variable.aggregation == "none" and dtype.is_floating
+            ):
+                sent.append(tf.math.multiply_no_nan(value, tf.cast(share, dtype)))
+            else:
+                continue
+            where.append(k)
+        if not sent:
+            return combined
+        received = self.backend.all_sum(sent)
+        out = list(combined)
+        for k, total in zip(where, received):
+            variable, old, value = combined[k]
+            out[k] = (variable, old, old + total if variable.aggregation == "sum" else total)
+        return out
 
 
 def apply_gradients(

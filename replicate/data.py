@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import keras
@@ -11,30 +10,9 @@ import numpy as np
 import tensorflow as tf
 
 from replicate.backends import Backend
+from replicate.cluster import is_chief, process_count, process_rank
 
-
-def process_rank() -> int:
-    """This process's rank from the launcher's environment (0 outside `horovodrun`)."""
-    for name in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "RANK"):
-        if name in os.environ:
-            return int(os.environ[name])
-    return 0
-
-
-def process_count() -> int:
-    """The number of processes from the launcher's environment (1 outside `horovodrun`)."""
-    for name in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE"):
-        if name in os.environ:
-            return int(os.environ[name])
-    return 1
-
-
-def is_chief() -> bool:
-    """Whether this process is rank 0: the one that prints, saves and logs.
-
-    Reads the launcher's environment, so it works before any model exists.
-    """
-    return process_rank() == 0
+__all__ = ["ProcessBatches", "agree_on_steps", "is_chief", "process_count", "process_rank", "shard"]
 
 
 def shard(data: Any, *, rank: int | None = None, size: int | None = None) -> Any:

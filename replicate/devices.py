@@ -134,3 +134,62 @@ def validate_devices(devices: list[str] | tuple[str, ...] | None) -> list[str]:
             )
         seen.add(name)
     return names
+
+
+def process_devices(
+    local_rank: int | None = None,
+    local_size: int | None = None,
+    devices: list[str] | None = None,
+) -> list[str]:
+    """This process's share of its machine's GPUs, by local rank.
+
+    With several processes on one machine (`horovodrun -np 4 -H host:4`,
+    `replicate launch --nproc 4`), each takes a contiguous block of the
+    machine's GPUs: 8 GPUs and 4 processes give local rank 1 `/gpu:2` and
+    `/gpu:3`; a remainder goes to the first ranks. CPU devices (a machine
+    without GPUs, or simulated ones) are not shared: every process has its own.
+
+    Args:
+        local_rank: This process's index on its machine. Defaults to the
+            launcher's environment (0 outside a launcher).
+        local_size: The number of processes on this machine. Defaults to
+            the launcher's environment (1 outside a launcher).
+        devices: The machine's devices. Defaults to `list_devices()`.
+
+    Returns:
+        The device names for this process's towers.
+
+    Raises:
+        ValueError: If the machine has fewer GPUs than processes, or
+            `local_rank` is outside `[0, local_size)`.
+
+    Example:
+
+    ```python
+    devices = replicate.process_devices()   # under horovodrun: this rank's GPUs
+    parallel = replicate.replicate(model, devices, backend="horovod")
+    ```
+    """
+    from replicate import cluster
+
+    local_rank = cluster.local_rank() if local_rank is None else local_rank
+    local_size = cluster.local_size() if local_size is None else local_size
+    if not 0 <= local_rank < local_size:
+        raise ValueError(
+            "`local_rank` must be in [0, local_size). Received: "
+            f"local_rank={local_rank}, local_size={local_size}."
+        )
+    devices = list_devices() if devices is None else list(devices)
+    gpus = [d for d in devices if d.startswith("/gpu:")]
+    if local_size == 1 or not gpus:
+        return devices
+    if len(gpus) < local_size:
+        raise ValueError(
+            f"This machine runs {local_size} processes of the job but has only "
+            f"{len(gpus)} GPU(s) ({gpus}); each process needs at least one. Start at "
+            f"most {len(gpus)} processes per machine (horovodrun -H host:{len(gpus)}, "
+            f"replicate launch --nproc {len(gpus)}), or pass `devices` yourself."
+        )
+    base, extra = divmod(len(gpus), local_size)
+    start = local_rank * base + min(local_rank, extra)
+    return gpus[start : start + base + (1 if local_rank < extra else 0)]

@@ -10,14 +10,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from replicate import reduce
+from replicate import processes, reduce, steps
 from replicate.backends import Backend, get_backend
 from replicate.builder import ReplicaBuilder
-from replicate.data import ProcessBatches, agree_on_steps
-
-# Reductions under which a tower's loss is the mean over its slice, so that
-# weighting towers by slice size gives the loss of the whole batch.
-_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", None)
+from replicate.devices import process_devices
 
 
 class ReplicatedModel(keras.Model):
@@ -25,9 +21,15 @@ class ReplicatedModel(keras.Model):
 
     Made by `replicate.replicate(model)`. `compile`, `fit`, `evaluate`,
     `predict` and callbacks behave as for the wrapped model; `template` is the
-    wrapped model itself (its variables are this model's variables), and
-    `save`/`save_weights`/`load_weights` act on it, so that checkpoints hold an
-    ordinary model with nothing tower-specific.
+    wrapped model itself (its variables are this model's variables). The
+    template is what gets compiled (it holds the optimizer, the loss and the
+    metrics), and `save`/`save_weights`/`load_weights` act on it, so that
+    checkpoints hold an ordinary compiled model with nothing tower-specific.
+
+    A template that overrides `train_step`, `test_step` or `predict_step` has
+    its own step run once per tower (`replicate.steps`); otherwise the loss
+    (`compute_loss`, overridable) is computed once on the merged outputs of
+    all towers, and the metrics (`compute_metrics`, `metrics`) once on them.
     """
 
     def __init__(
@@ -39,13 +41,19 @@ class ReplicatedModel(keras.Model):
         backend: str | Backend = "local",
         **backend_options: Any,
     ) -> None:
-        builder = ReplicaBuilder(template, devices, variable_device=variable_device)
         distribution = get_backend(backend, **backend_options)
+        if devices is None:
+            devices = process_devices(distribution.local_rank, distribution.local_size)
+        builder = ReplicaBuilder(
+            template, devices, variable_device=variable_device, backend=distribution
+        )
         super().__init__(name=f"replicated_{builder.model.name}")
         self.template = builder.model
         self._builder = builder
         self._backend = distribution
         self.built = True
+        if getattr(self.template, "compiled", False):
+            self._adopt_compile()
 
     # -- what users read -----------------------------------------------------
 
@@ -66,15 +74,23 @@ class ReplicatedModel(keras.Model):
 
     @property
     def backend(self) -> Backend:
-        """The process backend ("local" or "horovod")."""
+        """The process backend ("local", "horovod" or "collective")."""
         return self._backend
 
-    # -- Keras hooks -----------------------------------------------------------
+    @property
+    def metrics(self) -> list[keras.metrics.Metric]:
+        """The template's metrics: loss tracker, compiled metrics, its own trackers."""
+        return self.template.metrics
 
-    def compile(
-        self, optimizer: Any = "rmsprop", loss: Any = None, *args: Any, **kwargs: Any
-    ) -> None:
-        """As `keras.Model.compile`, with `jit_compile` meaning XLA per tower.
+    # -- compile: the template's own ------------------------------------------
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Compiles the template with its own `compile`; `jit_compile` means XLA per tower.
+
+        Whatever the template's `compile` accepts goes to it (a GAN's
+        `compile(d_optimizer, g_optimizer, loss_fn)` included), so the
+        template holds the optimizer, loss and metrics, and its saves hold
+        them too.
 
         `jit_compile=True` compiles each tower's forward and backward pass with
         XLA, one computation per device; the merge and the optimizer update
@@ -84,8 +100,7 @@ class ReplicatedModel(keras.Model):
 
         Raises:
             ValueError: For a `jit_compile` other than `True`, `False` or
-                `"auto"`, or for a loss whose reduction is not a mean over the
-                batch.
+                `"auto"`, or `True` with synchronized BatchNormalization.
         """
         jit_compile = kwargs.pop("jit_compile", False)
         if jit_compile not in (True, False, "auto"):
@@ -93,20 +108,28 @@ class ReplicatedModel(keras.Model):
                 "`jit_compile` must be True (XLA per tower), False or 'auto' (False). "
                 f"Received: jit_compile={jit_compile!r}"
             )
-        for item in tf.nest.flatten(loss):
-            reduction = getattr(item, "reduction", None)
-            if reduction not in _MEAN_REDUCTIONS:
-                raise ValueError(
-                    "Replicated training averages the towers' losses weighted by "
-                    "slice size, which equals the whole batch's loss only for a "
-                    "mean over the batch. Received a loss with "
-                    f"reduction={reduction!r} ({item!r}). Use "
-                    "reduction='sum_over_batch_size' (the Keras default)."
-                )
         self._builder.jit_compile = jit_compile is True
-        super().compile(optimizer, loss, *args, jit_compile=False, **kwargs)
-        with tf.device(self.variable_device):
-            self.optimizer.build(self.template.trainable_variables)
+        self.template.compile(*args, **kwargs)
+        self._adopt_compile()
+
+    def _adopt_compile(self) -> None:
+        """Takes the compiled template's optimizer and settings as this model's own."""
+        template = self.template
+        optimizer = getattr(template, "optimizer", None)
+        keras.Model.compile(
+            self,
+            optimizer=optimizer,
+            loss=None,
+            run_eagerly=template.run_eagerly,
+            steps_per_execution=template.steps_per_execution,
+            jit_compile=False,
+            auto_scale_loss=False,
+        )
+        if optimizer is not None and not optimizer.built:
+            with tf.device(self.variable_device):
+                optimizer.build(template.trainable_variables)
+
+    # -- the steps --------------------------------------------------------------
 
     def call(self, inputs: Any, training: bool = False) -> Any:
         return self._builder.call(inputs, training=bool(training))
@@ -114,53 +137,65 @@ class ReplicatedModel(keras.Model):
     def compute_output_spec(self, inputs: Any, training: bool = False) -> Any:
         return self.template.compute_output_spec(inputs)
 
-    def _tower_loss(self, y: Any, y_pred: Any, sample_weight: Any = None) -> tf.Tensor:
-        loss = self._compile_loss(y, y_pred, sample_weight) if self._compile_loss else None
-        if loss is None:
-            loss = tf.zeros((), dtype=keras.config.floatx())
+    def _share(self, count: tf.Tensor) -> tf.Tensor | None:
+        """This process's share of the global batch; `None` for one process."""
+        return None if self._backend.size == 1 else self._backend.share(count)
+
+    def _batch_loss(self, x, y, y_pred, sample_weight, model_loss, training) -> tf.Tensor:
+        """The template's `compute_loss` on the whole batch, its own losses included."""
+        template = self.template
+        if model_loss is None:
+            if template._compile_loss is None and not steps.overridden(template, "compute_loss"):
+                raise ValueError("No loss to compute. Provide a `loss` argument in `compile()`.")
+            model_loss = tf.zeros((), keras.config.floatx())
+        # `model.losses` inside compute_loss: the towers' losses, combined.
+        template._losses_override = [model_loss]
+        try:
+            loss = template._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+            )
+        finally:
+            template._losses_override = []
         return loss
 
-    def _loss_trackers(self) -> list[Any]:
-        """The variables of Keras' per-output loss trackers (multi-output models)."""
-        metrics = getattr(self._compile_loss, "metrics", None) or []
-        return [v for m in metrics for v in m.variables]
-
-    def train_step(self, data: Any) -> dict[str, Any]:
+    def train_step(self, data: Any) -> Any:
+        if steps.overridden(self.template, "train_step"):
+            return steps.run(self, "train_step", data)
+        template = self.template
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        step = self._builder._step(
-            x,
-            training=True,
-            loss_fn=self._tower_loss,
-            y=y,
-            sample_weight=sample_weight,
-            scale_loss=self.optimizer.scale_loss,
-            loss_state=self._loss_trackers(),
-        )
+        optimizer = template.optimizer
         count = reduce.batch_size(x)
-        variables = self.template.trainable_variables
-        with tf.device(self.variable_device):
-            grads = self._backend.reduce_gradients(step.grads, count)
-            self.optimizer.apply_gradients(zip(grads, variables))
-        return self._update_metrics(x, y, step.outputs, sample_weight, step.loss, count)
+        share = self._share(count)
 
-    def test_step(self, data: Any) -> dict[str, Any]:
+        def loss_of(y_pred, model_loss):
+            return self._batch_loss(x, y, y_pred, sample_weight, model_loss, training=True)
+
+        step = self._builder._train(
+            x, loss_of, scale=optimizer.scale_loss if optimizer else None, share=share
+        )
+        with tf.device(self.variable_device):
+            template._loss_tracker.update_state(step.loss, sample_weight=count)
+            if template.trainable_weights:
+                grads = self._backend.sum_gradients(step.grads)
+                optimizer.apply_gradients(zip(grads, template.trainable_weights))
+            return template.compute_metrics(x, y, step.outputs, sample_weight=sample_weight)
+
+    def test_step(self, data: Any) -> Any:
+        if steps.overridden(self.template, "test_step"):
+            return steps.run(self, "test_step", data)
+        template = self.template
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        step = self._builder._step(
-            x,
-            training=False,
-            loss_fn=self._tower_loss,
-            y=y,
-            sample_weight=sample_weight,
-            gradients=False,
-            loss_state=self._loss_trackers(),
-        )
-        count = reduce.batch_size(x)
-        return self._update_metrics(x, y, step.outputs, sample_weight, step.loss, count)
-
-    def _update_metrics(self, x, y, y_pred, sample_weight, loss, count) -> dict[str, Any]:
+        y_pred, model_loss = self._builder._evaluate(x)
         with tf.device(self.variable_device):
-            self._loss_tracker.update_state(loss, sample_weight=count)
-            return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+            loss = self._batch_loss(x, y, y_pred, sample_weight, model_loss, training=False)
+            template._loss_tracker.update_state(loss, sample_weight=reduce.batch_size(x))
+            return template.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def predict_step(self, data: Any) -> Any:
+        if steps.overridden(self.template, "predict_step"):
+            return steps.run(self, "predict_step", data)
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return self._builder.call(x)
 
     def get_metrics_result(self) -> dict[str, Any]:
         """The metrics over every process's samples (what Keras shows and records).
@@ -170,7 +205,7 @@ class ReplicatedModel(keras.Model):
         samples on one process and 90 on another is the mean over all 190.
         """
         if self._backend.size == 1:
-            return super().get_metrics_result()
+            return self.template.get_metrics_result()
         results: dict[str, Any] = {}
         for metric in self.metrics:
             variables = metric.variables
@@ -191,12 +226,12 @@ class ReplicatedModel(keras.Model):
     # -- several processes: one progress bar, one writer, agreed step counts ---
 
     def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
-        """As `keras.Model.fit`. Across processes (Horovod), also:
+        """As `keras.Model.fit`. Across processes, also:
 
         - rank 0's weights and optimizer state are broadcast first, so every
           process starts from the same point whatever its random seed;
-        - numpy data is batched so that every process runs the same number
-          of steps (a process with fewer samples gets empty batches);
+        - every process runs the same number of steps, training and
+          validation (a process with fewer samples gets empty batches);
         - only rank 0 shows the progress bar and runs the callbacks that
           write files (`ModelCheckpoint`, `TensorBoard`, `CSVLogger`).
         """
@@ -204,22 +239,20 @@ class ReplicatedModel(keras.Model):
         if self._backend.size == 1:
             return super().fit(**call)
         self._broadcast_state()
-        self._distribute_call(call, training=True)
-        try:
+        processes.prepare_fit(call, self._backend)
+        with processes.failures(self._backend):
             return super().fit(**call)
-        except Exception as error:
-            message = self._backend.describe_failure(error)
-            if message is None:
-                raise
-            raise RuntimeError(message) from error
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
-        """As `keras.Model.evaluate`; across processes the results are averaged."""
+        """As `keras.Model.evaluate`; across processes the results cover every process."""
         call = _bind(keras.Model.evaluate, self, args, kwargs)
+        if self._backend.size == 1:
+            return super().evaluate(**call)
         # Inside fit, Keras evaluates the validation data it already prepared.
-        if self._backend.size > 1 and not call.get("_use_cached_eval_dataset"):
-            self._distribute_call(call, training=False)
-        return super().evaluate(**call)
+        if not call.get("_use_cached_eval_dataset"):
+            processes.prepare_evaluate(call, self._backend)
+        with processes.failures(self._backend):
+            return super().evaluate(**call)
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
         """As `keras.Model.predict`, on this process's data; only rank 0 shows progress."""
@@ -230,60 +263,14 @@ class ReplicatedModel(keras.Model):
 
     def _broadcast_state(self) -> None:
         variables = list(self.template.variables)
-        if self.optimizer is not None:
-            variables += list(self.optimizer.variables)
+        for optimizer in steps.optimizers(self.template):
+            variables += list(optimizer.variables)
         self._backend.broadcast_variables(variables, root_rank=0)
-
-    def _distribute_call(self, call: dict[str, Any], *, training: bool) -> None:
-        backend = self._backend
-        if not backend.is_chief:
-            call["verbose"] = 0
-            call["callbacks"] = [
-                c for c in call.get("callbacks") or [] if not isinstance(c, _CHIEF_ONLY)
-            ]
-        x = call.get("x")
-        if isinstance(x, tf.data.Dataset):
-            call["x"] = agree_on_steps(x, backend)
-            if training and isinstance(call.get("validation_data"), tf.data.Dataset):
-                call["validation_data"] = agree_on_steps(call["validation_data"], backend)
-            return
-        if not _is_array_data(x):
-            return
-        batch_size = call.get("batch_size") or 32
-        y, weights = call.get("y"), call.get("sample_weight")
-        split = call.pop("validation_split", 0.0) if training else 0.0
-        if split:
-            n = len(tf.nest.flatten(x)[0])
-            cut = int(n * (1.0 - split))
-
-            def head(a):
-                return tf.nest.map_structure(lambda v: None if v is None else v[:cut], a)
-
-            def tail(a):
-                return tf.nest.map_structure(lambda v: None if v is None else v[cut:], a)
-
-            call["validation_data"] = ProcessBatches(
-                tail(x), tail(y), tail(weights), batch_size=batch_size, backend=backend
-            )
-            x, y, weights = head(x), head(y), head(weights)
-        elif training and isinstance(call.get("validation_data"), tuple):
-            call["validation_data"] = ProcessBatches(
-                *call["validation_data"], batch_size=batch_size, backend=backend
-            )
-        call["x"] = ProcessBatches(
-            x,
-            y,
-            weights,
-            batch_size=batch_size,
-            backend=backend,
-            shuffle=bool(call.get("shuffle", False)) and training,
-        )
-        call["y"] = call["sample_weight"] = call["batch_size"] = None
 
     # -- saving goes through the template -------------------------------------
 
     def save(self, filepath: Any, *args: Any, **kwargs: Any) -> None:
-        """Saves the template model (an ordinary Keras model) on the chief process only."""
+        """Saves the compiled template (an ordinary Keras model) on the chief process only."""
         if self._backend.is_chief:
             self.template.save(filepath, *args, **kwargs)
 
@@ -303,13 +290,6 @@ class ReplicatedModel(keras.Model):
         )
 
 
-_CHIEF_ONLY = (
-    keras.callbacks.ModelCheckpoint,
-    keras.callbacks.TensorBoard,
-    keras.callbacks.CSVLogger,
-)
-
-
 def _bind(method: Callable[..., Any], model: keras.Model, args: tuple, kwargs: dict) -> dict:
     bound = inspect.signature(method).bind(model, *args, **kwargs)
     bound.apply_defaults()
@@ -317,11 +297,6 @@ def _bind(method: Callable[..., Any], model: keras.Model, args: tuple, kwargs: d
     call.pop("self")
     call.update(call.pop("kwargs", {}))
     return call
-
-
-def _is_array_data(x: Any) -> bool:
-    leaves = tf.nest.flatten(x)
-    return bool(leaves) and all(isinstance(v, np.ndarray) for v in leaves)
 
 
 def replicate(
@@ -335,19 +310,24 @@ def replicate(
     """Makes `model` train data-parallel over several devices.
 
     Args:
-        model: A built Keras model (used as is: same object, same weights), or
-            a zero-argument function that builds one on `variable_device`.
+        model: A built Keras model (used as is: same object, same weights;
+            compiled or not), or a zero-argument function that builds one on
+            `variable_device`.
         devices: Tower devices. Defaults to every GPU, else every CPU device
-            (see `replicate.simulate_devices`).
+            (see `replicate.simulate_devices`); under a multi-process backend,
+            this process's share of its machine's GPUs
+            (`replicate.process_devices`).
         variable_device: Where the weights live and the update is applied.
             Defaults to `"/cpu:0"`.
-        backend: `"local"` (one process) or `"horovod"` (processes launched
-            by `horovodrun`).
-        **backend_options: Options of the backend, e.g. `compression="fp16"`
-            for Horovod.
+        backend: `"local"` (one process), `"horovod"` (processes launched by
+            `horovodrun`) or `"collective"` (TensorFlow's collective runtime,
+            processes launched by `replicate launch` or given `TF_CONFIG`).
+        **backend_options: Options of the backend, e.g. `compression="fp16"`.
 
     Returns:
-        A `ReplicatedModel`; compile and fit it as the original model.
+        A `ReplicatedModel`; compile and fit it as the original model. A
+        compiled `model` (one loaded with `keras.models.load_model`) needs no
+        new `compile`: training continues with its optimizer state.
 
     Raises:
         TypeError: If `model` is not a Keras model.
@@ -359,7 +339,7 @@ def replicate(
     parallel = replicate.replicate(model)
     parallel.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     parallel.fit(x, y, batch_size=256, epochs=5)
-    parallel.template.save("model.keras")
+    parallel.save("model.keras")
     ```
     """
     return ReplicatedModel(

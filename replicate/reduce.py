@@ -1,11 +1,12 @@
-"""Pure tensor functions: split a batch over towers, merge and average what comes back."""
+"""Pure tensor functions: split a batch over towers, merge and combine what comes back."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import tensorflow as tf
+from keras.src.backend.common import masking  # Keras has no public mask accessor
 
 Grad = tf.Tensor | tf.IndexedSlices | None
 
@@ -36,7 +37,8 @@ def split(structure: Any, n: int) -> tuple[list[Any], tf.Tensor]:
 
     Returns:
         `(slices, sizes)`: one structure per tower (same nesting as the
-        input, `None` leaves kept) and the int32 slice sizes.
+        input, `None` leaves kept) and the int32 slice sizes. Slices may be
+        empty; `tower_slices` gives every tower at least one row.
     """
     sizes = split_sizes(batch_size(structure), n)
     return split_as(structure, sizes, n), sizes
@@ -54,13 +56,85 @@ def split_as(structure: Any, sizes: tf.Tensor, n: int) -> list[Any]:
     ]
 
 
+class Slices(NamedTuple):
+    """A global batch cut into one non-empty slice per tower."""
+
+    parts: list[Any]  # one structure per tower, each with at least one row
+    sizes: tf.Tensor  # int32 (towers,): the real samples of each slice
+    present: tf.Tensor  # float32 (towers,): 1 where a slice holds real samples
+
+    @property
+    def weights(self) -> tf.Tensor:
+        """Each tower's share of the batch, `sizes / sum(sizes)`."""
+        return tower_weights(self.sizes)
+
+
+def tower_slices(structure: Any, n: int, *, sizes: tf.Tensor | None = None) -> Slices:
+    """Cuts a batch into `n` slices, none of them empty.
+
+    Layers do not all accept an empty batch (oneDNN convolutions and pooling,
+    recurrent cells, normalization), so a tower whose share is empty (a batch
+    smaller than `n`) gets one stand-in row instead: the batch's last row, or
+    zeros when the whole batch is empty. Its outputs are dropped (`keep`) and
+    its contributions weighted by 0 (`present`), so numbers equal one device.
+
+    Args:
+        structure: The batch (any nesting; `None` leaves kept).
+        n: The number of towers.
+        sizes: Slice sizes; defaults to `split_sizes(batch, n)`.
+    """
+    if sizes is None:
+        sizes = split_sizes(batch_size(structure), n)
+    starts = tf.cumsum(sizes, exclusive=True)
+    total = tf.reduce_sum(sizes)
+    rows = [tf.range(starts[i], starts[i] + tf.maximum(sizes[i], 1)) for i in range(n)]
+
+    def cut(t):
+        if t is None:
+            return [None] * n
+        t = tf.convert_to_tensor(t)
+        # An empty batch gets one row of zeros (empty strings) to stand in.
+        filler = tf.zeros if t.dtype != tf.string else (lambda s, d: tf.fill(s, ""))
+        stand_in = filler(tf.concat([[1], tf.shape(t)[1:]], 0), t.dtype)
+        source = tf.cond(total > 0, lambda: t, lambda: stand_in)
+        last = tf.shape(source, out_type=tf.int32)[0] - 1
+        return [tf.gather(source, tf.minimum(r, last)) for r in rows]
+
+    flat = [cut(t) for t in tf.nest.flatten(structure)]
+    parts = [tf.nest.pack_sequence_as(structure, [f[i] for f in flat]) for i in range(n)]
+    return Slices(parts, sizes, tf.cast(sizes > 0, tf.float32))
+
+
+def keep(structure: Any, size: tf.Tensor) -> Any:
+    """The first `size` rows of every tensor (a tower's real outputs), masks kept."""
+
+    def head(t):
+        if t is None or not tf.is_tensor(t) or t.shape.rank == 0:
+            return t
+        out = t[:size]
+        mask = masking.get_keras_mask(t)
+        if mask is not None:
+            masking.set_keras_mask(out, mask[:size])
+        return out
+
+    return tf.nest.map_structure(head, structure)
+
+
 def merge(tower_outputs: Sequence[Any]) -> Any:
-    """Concatenates per-tower outputs (any nesting) along axis 0."""
+    """Concatenates per-tower outputs (any nesting) along axis 0, Keras masks too."""
     if len(tower_outputs) == 1:
         return tower_outputs[0]
-    return tf.nest.map_structure(
-        lambda *ts: None if ts[0] is None else tf.concat(ts, axis=0), *tower_outputs
-    )
+
+    def concat(*ts):
+        if ts[0] is None:
+            return None
+        merged = tf.concat(ts, axis=0)
+        masks = [masking.get_keras_mask(t) for t in ts]
+        if all(m is not None for m in masks):  # the same model made every tower's
+            masking.set_keras_mask(merged, tf.concat(masks, axis=0))
+        return merged
+
+    return tf.nest.map_structure(concat, *tower_outputs)
 
 
 def tower_weights(sizes: tf.Tensor, dtype: tf.DType = tf.float32) -> tf.Tensor:
@@ -71,7 +145,7 @@ def tower_weights(sizes: tf.Tensor, dtype: tf.DType = tf.float32) -> tf.Tensor:
 
 def _scale(value: Grad, weight: tf.Tensor) -> Grad:
     # multiply_no_nan gives exactly 0 for an empty tower, even where that
-    # tower's statistics came out NaN (the mean of zero samples).
+    # tower's values came out NaN.
     if value is None:
         return None
     if isinstance(value, tf.IndexedSlices):
@@ -82,7 +156,8 @@ def _scale(value: Grad, weight: tf.Tensor) -> Grad:
     return tf.math.multiply_no_nan(value, tf.cast(weight, value.dtype))
 
 
-def _add(values: list[Grad]) -> Grad:
+def add(values: Sequence[Grad]) -> Grad:
+    """Sums values that may be dense, `IndexedSlices` (kept sparse) or `None`."""
     present = [v for v in values if v is not None]
     if not present:
         return None
@@ -112,6 +187,45 @@ def weighted_sum(per_tower: Sequence[Sequence[Grad]], weights: tf.Tensor) -> lis
         One value per position; `None` where every tower had `None`.
     """
     if len(per_tower) == 1:
-        return list(per_tower[0])
+        return [_scale(v, weights[0]) if v is not None else None for v in per_tower[0]]
     scaled = [[_scale(v, weights[i]) for v in values] for i, values in enumerate(per_tower)]
-    return [_add(list(column)) for column in zip(*scaled)]
+    return [add(list(column)) for column in zip(*scaled)]
+
+
+def combine_state(
+    aggregation: str,
+    old: tf.Tensor,
+    news: Sequence[tf.Tensor],
+    weights: tf.Tensor,
+    present: tf.Tensor,
+) -> tf.Tensor:
+    """One variable's new value from the values its towers left, by its `aggregation`.
+
+    The rule, per Keras' variable `aggregation`:
+
+    - `"sum"` (metric totals and counts, counters): the old value plus every
+      tower's change, so a count of samples counts each sample once.
+    - `"mean"`, and `"none"` for floating-point state (BatchNormalization's
+      moving statistics): the towers' values weighted by slice size.
+    - `"only_first_replica"`, and `"none"` for other dtypes (integers, seeds):
+      tower 0's value.
+
+    Towers without real samples (`present` 0) contribute nothing.
+    """
+    dtype = tf.as_dtype(old.dtype)
+    if aggregation == "sum":
+        changes = [
+            tf.math.multiply_no_nan(new - old, tf.cast(present[i], dtype))
+            if dtype.is_floating
+            else (new - old) * tf.cast(present[i], dtype)
+            for i, new in enumerate(news)
+        ]
+        return old + tf.add_n(changes) if len(changes) > 1 else old + changes[0]
+    if aggregation == "mean" or (aggregation == "none" and dtype.is_floating):
+        if not dtype.is_floating:
+            total = weighted_sum([[tf.cast(n, tf.float32)] for n in news], weights)[0]
+            return tf.cast(tf.round(total), dtype)
+        combined = weighted_sum([[n] for n in news], weights)[0]
+        # An entirely empty batch leaves the state as it was.
+        return tf.where(tf.reduce_sum(present) > 0, combined, old)
+    return news[0]

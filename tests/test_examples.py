@@ -139,3 +139,15 @@ def test_export_for_serving(tmp_path):
     assert value(out, "signatures:") == "['classify', 'serving_default']"
     assert float(value(out, "max |served - predict|:")) <= 1e-5
     assert float(value(out, "served test accuracy:")) >= 0.9
+
+
+def test_gan_with_its_own_train_step(tmp_path):
+    out = run_example("gan_digits.py", tmp_path)
+    assert value(out, "towers:").startswith("2 on")
+    # One discriminator update per batch (23 batches x 5 epochs), not per tower.
+    assert value(out, "discriminator steps:") == "115"
+    assert float(value(out, "generator moved:")) > 1e-3
+    for name in ("final d_loss:", "final g_loss:"):
+        assert 0.0 < float(value(out, name)) < 5.0
+    low, high = map(float, value(out, "sample range:").split())
+    assert -1.0 <= low < high <= 1.0

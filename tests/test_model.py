@@ -246,12 +246,6 @@ def test_bad_jit_compile_value(devices, mlp_factory):
         parallel.compile(optimizer="sgd", loss="mse", jit_compile="yes")
 
 
-def test_sum_reduction_is_refused(devices, mlp_factory):
-    parallel = replicate.replicate(mlp_factory(), devices[:2])
-    with pytest.raises(ValueError, match=r"reduction='sum'"):
-        parallel.compile(optimizer="sgd", loss=keras.losses.MeanSquaredError(reduction="sum"))
-
-
 def test_unknown_backend_lists_choices(devices, mlp_factory):
     with pytest.raises(ValueError, match=r"backend='nccl'.*\['local', 'horovod'\]"):
         replicate.replicate(mlp_factory(), devices[:2], backend="nccl")

@@ -19,6 +19,7 @@ def test_public_names():
             "__version__",
             "get_backend",
             "list_devices",
+            "process_devices",
             "replicate",
             "simulate_devices",
         ]

@@ -5,11 +5,15 @@ from __future__ import annotations
 from replicate.backends.base import Backend
 from replicate.backends.local import LocalBackend
 
-BACKENDS = ("local", "horovod")
+BACKENDS = ("local", "horovod", "collective")
 
 
 def get_backend(name: str | Backend, **options) -> Backend:
-    """Returns the backend called `name` ("local" or "horovod").
+    """Returns the backend called `name` ("local", "horovod" or "collective").
+
+    `get_backend("collective")` must run before TensorFlow starts (see
+    `replicate.backends.collective`); call it at the top of the program and
+    pass the result to `replicate.replicate(..., backend=...)`.
 
     Raises:
         ValueError: For an unknown name; the message lists the choices.
@@ -25,6 +29,10 @@ def get_backend(name: str | Backend, **options) -> Backend:
         from replicate.backends.horovod import HorovodBackend
 
         return HorovodBackend(**options)
+    if name == "collective":
+        from replicate.backends.collective import CollectiveBackend
+
+        return CollectiveBackend(**options)
     raise ValueError(
         f"Unknown backend. Received: backend={name!r}. Choose one of {list(BACKENDS)}."
     )

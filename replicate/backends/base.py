@@ -1,57 +1,186 @@
-"""Backend: how the processes of one training job talk to each other."""
+"""Backend: how the processes of one training job talk to each other.
+
+Everything that does not depend on the engine lives here, once: summing
+gradients (with optional float16 compression), count-weighted averages,
+combining metric state, broadcasting, step agreement and the wording of a
+lost process. A multi-process backend implements four calls of its engine:
+`_all_sum`, `_all_max`, `_broadcast` and `_is_lost_peer`.
+"""
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Sequence
 from typing import Any
 
 import tensorflow as tf
 
+COMPRESSIONS = ("none", "fp16")
 
-class Backend(abc.ABC):
-    """Collectives across processes; one process is the identity.
 
-    A backend sees gradients only after the towers of its own process have
-    been averaged, so it never knows about towers.
+class Backend:
+    """Collectives across processes; one process makes every collective the identity.
+
+    A backend sees tensors only after the towers of its own process have
+    been combined, so it never knows about towers.
+
+    Args:
+        compression: `"fp16"` sends floating-point gradients as float16
+            (half the traffic) and casts them back; `"none"` or `None` sends
+            them as they are.
+
+    Raises:
+        ValueError: For an unknown compression.
     """
 
     name: str = "base"
+    launcher: str = "launcher"
+
+    def __init__(self, *, compression: str | None = None) -> None:
+        choice = "none" if compression is None else compression
+        if choice not in COMPRESSIONS:
+            raise ValueError(
+                f"Unknown gradient compression. Received: compression={compression!r}. "
+                f"Choose one of {list(COMPRESSIONS)}."
+            )
+        self.compression = choice
+
+    # -- identity ------------------------------------------------------------
 
     @property
-    @abc.abstractmethod
     def rank(self) -> int:
         """This process's index, 0 to `size - 1`."""
+        return 0
 
     @property
-    @abc.abstractmethod
     def size(self) -> int:
         """The number of processes."""
+        return 1
+
+    @property
+    def local_rank(self) -> int:
+        """This process's index among the processes of its machine."""
+        return 0
+
+    @property
+    def local_size(self) -> int:
+        """The number of processes on this machine."""
+        return 1
 
     @property
     def is_chief(self) -> bool:
         """Whether this process writes checkpoints, logs and progress bars."""
         return self.rank == 0
 
-    def reduce_gradients(self, grads: Sequence[Any], count: tf.Tensor) -> list[Any]:
-        """Averages gradients over processes, weighted by each one's `count` of samples."""
-        return list(grads)
+    # -- the engine's calls (multi-process backends implement them) -------------
 
-    def reduce_state(self, values: Sequence[tf.Tensor], aggregations: Sequence[str]) -> list[Any]:
+    def _all_sum(self, tensors: list[tf.Tensor]) -> list[tf.Tensor]:
+        """The element-wise sum of each tensor over processes (one grouped call)."""
+        raise NotImplementedError
+
+    def _all_max(self, value: tf.Tensor) -> tf.Tensor:
+        """The maximum of an int64 scalar over processes."""
+        raise NotImplementedError
+
+    def _broadcast(self, variables: list[tf.Variable], root_rank: int) -> None:
+        """Assigns every variable its value on `root_rank`."""
+        values = [tf.convert_to_tensor(v) for v in variables]
+        mine = tf.constant(float(self.rank == root_rank))
+        sent = [v * tf.cast(mine, v.dtype) for v in values]
+        for variable, value in zip(variables, self._all_sum(sent)):
+            variable.assign(value)
+
+    def _is_lost_peer(self, error: BaseException) -> bool:
+        """Whether `error` means another process died or stopped answering."""
+        return False
+
+    def _lost_peer_detail(self, error: BaseException) -> str:
+        """What `error` tells about the lost process."""
+        return "a peer died or stopped answering"
+
+    def _lost_peer_hint(self) -> str:
+        """What the launcher's log tells about the process that failed."""
+        return ""
+
+    # -- shared ----------------------------------------------------------------
+
+    def all_sum(self, tensors: Sequence[tf.Tensor], *, compress: bool = False) -> list[tf.Tensor]:
+        """Sums each tensor over processes (grouped); float16 on the wire if `compress`."""
+        tensors = [tf.convert_to_tensor(t) for t in tensors]
+        if self.size == 1 or not tensors:
+            return tensors
+        if not compress:
+            return self._all_sum(tensors)
+        sent = [t if t.dtype != tf.float32 else tf.cast(t, tf.float16) for t in tensors]
+        summed = self._all_sum(sent)
+        return [tf.cast(s, t.dtype) for s, t in zip(summed, tensors)]
+
+    def sum_gradients(self, grads: Sequence[Any]) -> list[Any]:
+        """Sums gradients over processes (`None` stays `None`; sparse ones are sent dense)."""
+        if self.size == 1:
+            return list(grads)
+        present = [i for i, g in enumerate(grads) if g is not None]
+        summed = self.all_sum(
+            [tf.convert_to_tensor(grads[i]) for i in present],
+            compress=self.compression == "fp16",
+        )
+        out: list[Any] = [None] * len(grads)
+        for i, g in zip(present, summed):
+            out[i] = g
+        return out
+
+    def share(self, count: tf.Tensor) -> tf.Tensor:
+        """This process's `count` of samples divided by every process's (float32)."""
+        count = tf.cast(count, tf.float32)
+        return tf.math.divide_no_nan(count, self.all_sum([count])[0])
+
+    def reduce_gradients(self, grads: Sequence[Any], count: tf.Tensor) -> list[Any]:
+        """Averages gradients over processes, weighted by each one's `count` of samples.
+
+        Each process's gradient is the mean over its own samples, so weighting
+        by the number of samples gives the mean over every sample of the step,
+        also when processes hold different numbers (the last batch of uneven
+        shards, or none at all).
+        """
+        if self.size == 1:
+            return list(grads)
+        share = self.share(count)
+        scaled = [None if g is None else g * tf.cast(share, g.dtype) for g in grads]
+        return self.sum_gradients(scaled)
+
+    def reduce_state(self, values: Sequence[Any], aggregations: Sequence[str]) -> list[Any]:
         """Combines metric state over processes: summed where `aggregation` is "sum",
         else averaged, so that a metric's result covers every process's samples."""
-        return list(values)
+        if self.size == 1 or not values:
+            return list(values)
+        summed = self.all_sum(values)
+        return [
+            s if a == "sum" else s / tf.cast(self.size, s.dtype)
+            for s, a in zip(summed, aggregations, strict=True)
+        ]
 
-    def reduce_max(self, value: tf.Tensor) -> tf.Tensor:
+    def reduce_max(self, value: Any) -> Any:
         """The maximum of an integer scalar over processes."""
-        return value
+        if self.size == 1:
+            return value
+        return self._all_max(tf.cast(value, tf.int64))
 
     def broadcast_variables(self, variables: Sequence[Any], root_rank: int = 0) -> None:
-        """Overwrites `variables` on every process with their values on `root_rank`."""
-
-    def describe_failure(self, error: BaseException) -> str | None:
-        """A message if `error` means another process was lost, else `None`."""
-        return None
+        """Gives `variables` (Keras or TF) on every process their values on `root_rank`."""
+        if self.size == 1 or not variables:
+            return
+        self._broadcast([getattr(v, "value", v) for v in variables], root_rank)
 
     def barrier(self) -> None:
         """Waits until every process has reached this point."""
+        if self.size > 1:
+            self._all_sum([tf.zeros((1,))])
+
+    def describe_failure(self, error: BaseException) -> str | None:
+        """A message if `error` means another process was lost, else `None`."""
+        if self.size == 1 or not self._is_lost_peer(error):
+            return None
+        return (
+            f"replicate: process {self.rank} of {self.size} lost the other processes of "
+            f"this {self.launcher} job: {self._lost_peer_detail(error)}. "
+            f"{self._lost_peer_hint()}"
+        ).strip()

@@ -9,11 +9,3 @@ class LocalBackend(Backend):
     """One process; towers on its devices are all there is."""
 
     name = "local"
-
-    @property
-    def rank(self) -> int:
-        return 0
-
-    @property
-    def size(self) -> int:
-        return 1

@@ -1,0 +1,259 @@
+"""The collective backend: TensorFlow's own collective runtime, processes from `TF_CONFIG`.
+
+Each process reads the cluster from `TF_CONFIG` (what `replicate launch`,
+Kubeflow's TFJob, Vertex AI and SageMaker set), starts TensorFlow's gRPC
+server for its task, and all-reduces with `collective_ops.all_reduce_v2`
+inside the ordinary training `tf.function`: the engine under
+`MultiWorkerMirroredStrategy`, without the strategy. Nothing to build.
+
+TensorFlow accepts the collective configuration only before it starts (before
+the first tensor or variable), so create this backend first:
+`replicate.get_backend("collective")` at the top of the program, then build
+the model and pass the backend to `replicate.replicate`.
+
+A thread checks the other processes' health every few seconds; when one is
+gone, every pending and later collective fails at once with a message naming
+it, instead of waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from typing import Any
+
+import tensorflow as tf
+from tensorflow.core.protobuf import tensorflow_server_pb2
+from tensorflow.python.eager import context
+from tensorflow.python.framework import errors
+from tensorflow.python.ops import collective_ops
+from tensorflow.python.training import server_lib
+
+from replicate import cluster as cluster_lib
+from replicate.backends.base import Backend
+
+COMMUNICATIONS = ("auto", "ring", "nccl")
+
+# Eager collectives (broadcasts, step agreement, metric state) and traced ones
+# (inside tf.function) take instance keys from separate ranges, so that the
+# order in which a process traces and the order in which it calls eagerly
+# cannot shift one another's keys.
+_TRACED_KEYS = 1
+_EAGER_KEYS = 1 << 30
+
+# TensorFlow's collective runtime is configured once per process; this is
+# that process-wide fact, not replicate state.
+_STARTED: dict[str, Any] = {}
+
+
+def _start(cluster: cluster_lib.Cluster) -> None:
+    """Configures the collective runtime for this task (once per process)."""
+    if _STARTED:
+        if _STARTED["addresses"] != cluster.addresses or _STARTED["rank"] != cluster.rank:
+            raise RuntimeError(
+                "TensorFlow's collective runtime is already set up for another cluster "
+                f"({_STARTED['addresses']}, rank {_STARTED['rank']}); a process belongs "
+                "to one cluster."
+            )
+        return
+    job, index = cluster.task
+    ctx = context.context()
+    try:
+        ctx.configure_collective_ops(
+            collective_leader=cluster.leader,
+            scoped_allocator_enabled_ops=("CollectiveReduce",),
+            device_filters=(f"/job:{job}/task:{index}",),
+        )
+    except RuntimeError as error:
+        raise RuntimeError(
+            "backend='collective' must be set up before TensorFlow starts (before the "
+            "first tensor, variable or model): TensorFlow accepts its collective "
+            'configuration only then. Call `backend = replicate.get_backend("collective")` '
+            "at the top of the program (after `replicate.simulate_devices(n)`, if you "
+            "use it), then pass `backend=backend` to `replicate.replicate`."
+        ) from error
+    server_def = tensorflow_server_pb2.ServerDef(
+        cluster=server_lib.ClusterSpec(cluster.jobs).as_cluster_def(),
+        job_name=job,
+        task_index=index,
+        protocol="grpc",
+        default_session_config=ctx.config,
+    )
+    ctx.enable_collective_ops(server_def)
+    _STARTED.update(addresses=list(cluster.addresses), rank=cluster.rank)
+
+
+class CollectiveBackend(Backend):
+    """One process of a cluster described by `TF_CONFIG`, on TensorFlow's collectives.
+
+    Args:
+        communication: `"auto"` (TensorFlow chooses), `"ring"` (gRPC ring
+            all-reduce, any device) or `"nccl"` (GPU tensors through NCCL;
+            with `variable_device="/gpu:0"` the reduction stays on the GPU).
+        compression: `"fp16"` sends float32 gradients as float16 (half the
+            traffic); `"none"` or `None` sends them as they are.
+        timeout: Seconds a collective may wait for the other processes before
+            it fails (the last resort; lost processes are found sooner by the
+            health check). Defaults to `REPLICATE_COLLECTIVE_TIMEOUT` or 600.
+        health_interval: Seconds between health checks of the other processes.
+            Defaults to 5.
+
+    Raises:
+        ValueError: For an unknown `communication` or compression, or a
+            missing or malformed `TF_CONFIG` (the message shows what was read).
+        RuntimeError: If TensorFlow has already started in this process.
+    """
+
+    name = "collective"
+    launcher = "replicate launch"
+
+    def __init__(
+        self,
+        communication: str = "auto",
+        compression: str | None = None,
+        *,
+        timeout: float | None = None,
+        health_interval: float = 5.0,
+    ) -> None:
+        super().__init__(compression=compression)
+        if communication not in COMMUNICATIONS:
+            raise ValueError(
+                f"Unknown communication. Received: communication={communication!r}. "
+                f"Choose one of {list(COMMUNICATIONS)}."
+            )
+        if timeout is None:
+            timeout = float(os.environ.get("REPLICATE_COLLECTIVE_TIMEOUT", 600))
+        if not timeout > 0:
+            raise ValueError(f"`timeout` must be positive seconds. Received: timeout={timeout!r}")
+        self.communication = communication
+        self.timeout = float(timeout)
+        self.health_interval = float(health_interval)
+        self.cluster = cluster_lib.tf_config()
+        _start(self.cluster)
+        self._keys = {True: _EAGER_KEYS, False: _TRACED_KEYS}
+        self._health: threading.Thread | None = None
+        self._waiting_for_peers = False
+        self._lock = threading.Lock()
+
+    @property
+    def rank(self) -> int:
+        return self.cluster.rank
+
+    @property
+    def size(self) -> int:
+        return self.cluster.size
+
+    @property
+    def local_rank(self) -> int:
+        return cluster_lib.local_rank()
+
+    @property
+    def local_size(self) -> int:
+        return cluster_lib.local_size()
+
+    # -- the engine's calls ------------------------------------------------------
+
+    def _key(self) -> int:
+        eager = tf.executing_eagerly()
+        with self._lock:
+            self._keys[eager] += 1
+            return self._keys[eager]
+
+    def _reduce(self, tensor: tf.Tensor, merge_op: str) -> tf.Tensor:
+        if tf.executing_eagerly():
+            self._ensure_health_check()
+        device = tensor.device or "/cpu:0"
+        on_gpu = "GPU" in device.upper()
+        # NCCL reduces GPU tensors only; CPU tensors (metric state, counts) take the ring.
+        hint = "ring" if self.communication == "nccl" and not on_gpu else self.communication
+        with tf.device(device):
+            return collective_ops.all_reduce_v2(
+                tensor,
+                group_size=self.size,
+                group_key=2 if on_gpu else 1,  # a group holds one device type
+                instance_key=self._key(),
+                merge_op=merge_op,
+                final_op="Id",
+                communication_hint=hint,
+                timeout=self.timeout,
+            )
+
+    def _all_sum(self, tensors: list[tf.Tensor]) -> list[tf.Tensor]:
+        # One collective per dtype: the tensors travel packed in one buffer.
+        out: list[Any] = [None] * len(tensors)
+        by_dtype: dict[tf.DType, list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_dtype.setdefault(t.dtype, []).append(i)
+        for indices in by_dtype.values():
+            parts = [tensors[i] for i in indices]
+            with tf.device(parts[0].device or None):
+                flat = tf.concat([tf.reshape(p, [-1]) for p in parts], axis=0)
+            summed = self._reduce(flat, "Add")
+            sizes = [tf.size(p) for p in parts]
+            for i, piece, part in zip(indices, tf.split(summed, sizes), parts):
+                out[i] = tf.reshape(piece, tf.shape(part))
+        return out
+
+    def _all_max(self, value: tf.Tensor) -> tf.Tensor:
+        return self._reduce(tf.reshape(value, (1,)), "Max")[0]
+
+    def _is_lost_peer(self, error: BaseException) -> bool:
+        return isinstance(
+            error,
+            (errors.UnavailableError, errors.DeadlineExceededError, errors.AbortedError),
+        ) or "Collective ops is aborted" in str(error)
+
+    def _lost_peer_hint(self) -> str:
+        return (
+            "replicate launch names the process that exited first; one that stopped "
+            "answering is found by the health check, and any collective gives up after "
+            f"{self.timeout:g} s (timeout=, REPLICATE_COLLECTIVE_TIMEOUT)."
+        )
+
+    def _lost_peer_detail(self, error: BaseException) -> str:
+        found = re.search(r"process \d+ of \d+ \([^)]*\) is down", str(error))
+        if found:
+            return found.group(0)
+        if isinstance(error, errors.DeadlineExceededError):
+            return f"a collective waited {self.timeout:g} s for the other processes"
+        return super()._lost_peer_detail(error)
+
+    # -- health of the other processes -------------------------------------------
+
+    def _ensure_health_check(self) -> None:
+        if self._health is not None or self._waiting_for_peers or self.size == 1:
+            return
+        # Wait until every process is up before watching them.
+        self._waiting_for_peers = True
+        self._all_sum([tf.zeros((1,))])[0].numpy()
+        self._health = threading.Thread(target=self._watch, daemon=True, name="replicate-health")
+        self._health.start()
+
+    def _watch(self) -> None:
+        import time
+
+        peers = [(r, d) for r, d in enumerate(self.cluster.devices) if r != self.rank]
+        while True:
+            time.sleep(self.health_interval)
+            for rank, device in peers:
+                for attempt in range(3):
+                    try:
+                        context.context().check_collective_ops_peer_health(
+                            device, timeout_in_ms=10_000
+                        )
+                        break
+                    except (
+                        errors.UnavailableError,
+                        errors.FailedPreconditionError,
+                        errors.DeadlineExceededError,
+                    ):
+                        if attempt == 2:
+                            context.context().abort_collective_ops(
+                                errors.UNAVAILABLE,
+                                f"replicate: process {rank} of {self.size} "
+                                f"({self.cluster.addresses[rank]}) is down",
+                            )
+                            return
+                    except Exception:  # the runtime is shutting down
+                        return

@@ -1,0 +1,267 @@
+"""A model's own train_step/test_step/predict_step on towers, and synchronized BatchNorm."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import replicate
+
+
+class TwoStep(keras.Model):
+    """Two optimizers; the second update reads the weights the first one wrote."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = keras.layers.Dense(8, activation="tanh")
+        self.second = keras.layers.Dense(3)
+        self.first_loss = keras.metrics.Mean(name="first_loss")
+        self.error = keras.metrics.MeanAbsoluteError(name="error")
+
+    def call(self, x, training=False):
+        return self.second(self.first(x))
+
+    def compile(self, first_optimizer, second_optimizer, **kwargs):
+        super().compile(**kwargs)
+        self.first_optimizer = first_optimizer
+        self.second_optimizer = second_optimizer
+
+    @property
+    def metrics(self):
+        return [self.first_loss, self.error]
+
+    def train_step(self, data):
+        x, y = data
+        target = tf.one_hot(y, 3)
+        with tf.GradientTape() as tape:
+            first = tf.reduce_mean(tf.square(self(x, training=True) - target))
+        grads = tape.gradient(first, self.first.trainable_weights)
+        self.first_optimizer.apply_gradients(zip(grads, self.first.trainable_weights))
+        with tf.GradientTape() as tape:
+            prediction = self(x, training=True)  # sees the first update
+            second = tf.reduce_mean(tf.abs(prediction - target))
+        grads = tape.gradient(second, self.second.trainable_weights)
+        self.second_optimizer.apply(grads, self.second.trainable_weights)
+        self.first_loss.update_state(first)  # one scalar per step
+        self.error.update_state(target, prediction)  # per sample
+        return {
+            "first_loss": self.first_loss.result(),
+            "error": self.error.result(),
+            "second": second,
+        }
+
+    def test_step(self, data):
+        x, y = data
+        prediction = self(x, training=False)
+        self.error.update_state(tf.one_hot(y, 3), prediction)
+        return {"error": self.error.result()}
+
+    def predict_step(self, data):
+        return tf.nn.softmax(self(data, training=False))
+
+
+def _two_step(seed=2):
+    keras.utils.set_random_seed(seed)
+    model = TwoStep()
+    model(np.zeros((1, 6), "float32"))
+    return model
+
+
+def _compile_two(model):
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.5), keras.optimizers.Adam(0.01))
+    return model
+
+
+@pytest.mark.parametrize("towers", [2, 3])
+def test_own_train_step_with_two_optimizers_equals_one_device(
+    towers, devices, classification_data, weight_diff
+):
+    x, y = classification_data  # 61 samples, batches of 10: 10 and 1 do not divide
+    single = _compile_two(_two_step())
+    expected = single.fit(x, y, batch_size=10, epochs=2, shuffle=False, verbose=0).history
+    model = _two_step()
+    parallel = _compile_two(replicate.replicate(model, devices[:towers]))
+    history = parallel.fit(x, y, batch_size=10, epochs=2, shuffle=False, verbose=0).history
+    assert weight_diff(model, single) <= 1e-5
+    assert sorted(history) == sorted(expected) == ["error", "first_loss", "second"]
+    for key in expected:
+        np.testing.assert_allclose(history[key], expected[key], atol=1e-5, err_msg=key)
+    # The optimizers stepped once per batch, not once per tower.
+    assert int(model.first_optimizer.iterations) == int(single.first_optimizer.iterations) == 14
+
+
+def test_own_test_and_predict_steps(devices, classification_data):
+    x, y = classification_data
+    single, parallel = _two_step(), replicate.replicate(_two_step(), devices[:3])
+    _compile_two(single), _compile_two(parallel)
+    np.testing.assert_allclose(
+        parallel.evaluate(x, y, batch_size=10, verbose=0),
+        single.evaluate(x, y, batch_size=10, verbose=0),
+        rtol=1e-6,
+    )
+    predicted = parallel.predict(x, batch_size=10, verbose=0)
+    np.testing.assert_allclose(predicted, single.predict(x, batch_size=10, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(predicted.sum(axis=1), 1.0, rtol=1e-5)  # its own predict_step
+
+
+class Gan(keras.Model):
+    """keras.io-style GAN: noise per batch, a discriminator step, then a generator step."""
+
+    latent = 4
+
+    def __init__(self):
+        super().__init__()
+        self.generator = keras.Sequential(
+            [
+                keras.Input((self.latent,)),
+                keras.layers.Dense(16, activation="relu"),
+                keras.layers.Dense(6),
+            ]
+        )
+        self.discriminator = keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(16, activation="relu"),
+                keras.layers.Dropout(0.2),
+                keras.layers.Dense(1),
+            ]
+        )
+        self.seed_generator = keras.random.SeedGenerator(11)
+        self.d_loss = keras.metrics.Mean(name="d_loss")
+        self.g_loss = keras.metrics.Mean(name="g_loss")
+
+    def compile(self, d_optimizer, g_optimizer, loss_fn):
+        super().compile()
+        self.d_optimizer, self.g_optimizer, self.loss_fn = d_optimizer, g_optimizer, loss_fn
+
+    @property
+    def metrics(self):
+        return [self.d_loss, self.g_loss]
+
+    def train_step(self, real):
+        batch = tf.shape(real)[0]
+        noise = keras.random.normal((batch, self.latent), seed=self.seed_generator)
+        fake = self.generator(noise)
+        images = tf.concat([fake, real], axis=0)
+        labels = tf.concat([tf.ones((batch, 1)), tf.zeros((batch, 1))], axis=0)
+        with tf.GradientTape() as tape:
+            d_loss = self.loss_fn(labels, self.discriminator(images, training=True))
+        grads = tape.gradient(d_loss, self.discriminator.trainable_weights)
+        self.d_optimizer.apply_gradients(zip(grads, self.discriminator.trainable_weights))
+        noise = keras.random.normal((batch, self.latent), seed=self.seed_generator)
+        with tf.GradientTape() as tape:
+            fooled = self.discriminator(self.generator(noise), training=True)
+            g_loss = self.loss_fn(tf.zeros((batch, 1)), fooled)
+        grads = tape.gradient(g_loss, self.generator.trainable_weights)
+        self.g_optimizer.apply_gradients(zip(grads, self.generator.trainable_weights))
+        self.d_loss.update_state(d_loss)
+        self.g_loss.update_state(g_loss)
+        return {"d_loss": self.d_loss.result(), "g_loss": self.g_loss.result()}
+
+
+def test_gan_with_noise_and_two_optimizers_trains(devices, classification_data):
+    x, _ = classification_data
+    keras.utils.set_random_seed(4)
+    gan = Gan()
+    gan.generator.build((None, Gan.latent))
+    gan.build((None, 6))
+    parallel = replicate.replicate(gan, devices[:3])
+    parallel.compile(
+        keras.optimizers.Adam(1e-3),
+        keras.optimizers.Adam(1e-3),
+        keras.losses.BinaryCrossentropy(from_logits=True),
+    )
+    generator_before = [w.copy() for w in gan.generator.get_weights()]
+    discriminator_before = [w.copy() for w in gan.discriminator.get_weights()]
+    history = parallel.fit(x, batch_size=16, epochs=2, verbose=0).history
+    assert np.isfinite(history["d_loss"]).all() and np.isfinite(history["g_loss"]).all()
+    moved = [np.abs(a - b).max() for a, b in zip(gan.generator.get_weights(), generator_before)]
+    assert min(moved) > 0
+    moved = [
+        np.abs(a - b).max() for a, b in zip(gan.discriminator.get_weights(), discriminator_before)
+    ]
+    assert min(moved) > 0
+    assert int(parallel.template.d_optimizer.iterations) == 8  # 4 batches x 2 epochs
+
+
+def _synchronized(seed=1, synchronized=True):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8),
+            keras.layers.BatchNormalization(synchronized=synchronized),
+            keras.layers.Activation("relu"),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+def _compile(model):
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+@pytest.mark.parametrize("towers", [2, 3])
+def test_synchronized_batchnorm_equals_one_device(
+    towers, devices, classification_data, weight_diff
+):
+    x, y = classification_data
+    single = _compile(_synchronized())
+    expected = single.fit(x, y, batch_size=10, epochs=2, shuffle=False, verbose=0).history
+    model = _synchronized()
+    parallel = _compile(replicate.replicate(model, devices[:towers]))
+    history = parallel.fit(x, y, batch_size=10, epochs=2, shuffle=False, verbose=0).history
+    assert weight_diff(model, single) <= 1e-5  # moving statistics included
+    np.testing.assert_allclose(history["loss"], expected["loss"], rtol=1e-5)
+
+
+def test_unsynchronized_batchnorm_keeps_per_tower_statistics(
+    devices, classification_data, weight_diff
+):
+    x, y = classification_data
+    single = _compile(_synchronized(synchronized=False))
+    single.fit(x, y, batch_size=10, epochs=2, shuffle=False, verbose=0)
+    model = _synchronized(synchronized=False)
+    _compile(replicate.replicate(model, devices[:3])).fit(
+        x, y, batch_size=10, epochs=2, shuffle=False, verbose=0
+    )
+    assert weight_diff(model, single) > 1e-3  # normalized per tower, as documented
+
+
+def test_synchronized_batchnorm_refuses_xla_per_tower(devices):
+    parallel = replicate.replicate(_synchronized(), devices[:2])
+    with pytest.raises(ValueError, match=r"jit_compile=True\) cannot be combined"):
+        parallel.compile(optimizer="sgd", loss="mse", jit_compile=True)
+
+
+def test_towers_that_take_different_paths_are_an_error(devices):
+    class Diverging(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.dense(x)
+
+        def train_step(self, data):
+            context = tf.distribute.get_replica_context()
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(self(data))
+            grads = tape.gradient(loss, self.trainable_weights)
+            if tf.get_static_value(context.replica_id_in_sync_group) == 0:  # only tower 0
+                self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
+            return {}
+
+    model = Diverging()
+    model(np.ones((1, 3), "float32"))
+    parallel = replicate.replicate(model, devices[:2])
+    parallel.compile(optimizer="sgd")
+    with pytest.raises(
+        RuntimeError, match=r"diverged \(tower 0: sgd\w*.apply, tower 1: finished\)"
+    ):
+        parallel.fit(np.ones((4, 3), "float32"), batch_size=4, verbose=0)
