@@ -1,4 +1,4 @@
-"""Keras callbacks for replicated training: learning-rate warm-up, GPU telemetry."""
+"""Keras callbacks for replicated training: warm-up, replica consistency, GPU telemetry."""
 
 from __future__ import annotations
 
@@ -132,3 +132,101 @@ class GPUMonitor(keras.callbacks.Callback):
             for key, value in readings.items():
                 if value is not None:
                     logs[f"gpu{gpu.index}_{key}"] = float(value)
+
+
+class ConsistencyCheck(keras.callbacks.Callback):
+    """Stops training when a process's weights drift from the chief's.
+
+    Every `every_n_batches` batches each process computes a checksum of its
+    weights (and its optimizers' state); one small all-reduce gives every
+    process everyone's checksums, and if any differs from process 0's, every
+    process stops with an error naming the processes that differ. Replicas
+    apply identical updates, so their checksums are equal bit for bit; a
+    difference means silent desynchronization (a bad host, a callback that
+    changed one process's weights). With one process it does nothing.
+
+    Args:
+        every_n_batches: How often to compare. Defaults to 100.
+        include_optimizer: Compare the optimizers' state too. Defaults to True.
+
+    Raises:
+        ValueError: If `every_n_batches` is not a positive integer.
+
+    Example:
+
+    ```python
+    parallel.fit(x, y, callbacks=[replicate.callbacks.ConsistencyCheck(every_n_batches=100)])
+    ```
+    """
+
+    def __init__(self, every_n_batches: int = 100, *, include_optimizer: bool = True) -> None:
+        super().__init__()
+        if (
+            isinstance(every_n_batches, bool)
+            or not isinstance(every_n_batches, int)
+            or (every_n_batches < 1)
+        ):
+            raise ValueError(
+                "`every_n_batches` must be a positive integer. Received: "
+                f"every_n_batches={every_n_batches!r}"
+            )
+        self.every_n_batches = every_n_batches
+        self.include_optimizer = include_optimizer
+        self._batches = 0
+        self._epoch = 0
+        self._checksum = None
+
+    def _variables(self) -> list[Any]:
+        from replicate.steps import optimizers
+
+        template = getattr(self.model, "template", self.model)
+        variables = list(template.variables)
+        if self.include_optimizer:
+            for optimizer in optimizers(template):
+                variables += list(optimizer.variables)
+        return [getattr(v, "value", v) for v in variables]
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        import tensorflow as tf
+
+        variables = self._variables()
+
+        @tf.function
+        def checksum():
+            # Position-weighted sums, in float64: equal only for equal weights
+            # (up to contrived coincidences).
+            total = tf.zeros((2,), tf.float64)
+            for i, v in enumerate(variables):
+                x = tf.reshape(tf.cast(v, tf.float64), [-1])
+                ramp = tf.cast(tf.range(tf.size(x)) % 7 + 1, tf.float64)
+                total += float(i + 1) * tf.stack([tf.reduce_sum(x), tf.reduce_sum(x * ramp)])
+            return total
+
+        self._checksum = checksum
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        self._batches += 1
+        backend = getattr(self.model, "backend", None)
+        if backend is None or backend.size == 1 or self._batches % self.every_n_batches:
+            return
+        import tensorflow as tf
+
+        mine = self._checksum()
+        table = tf.scatter_nd([[backend.rank]], mine[None], (backend.size, 2))
+        table = backend.all_sum([table])[0].numpy()
+        differ = [r for r in range(backend.size) if not (table[r] == table[0]).all()]
+        if differ:
+            named = "; ".join(
+                f"process {r} of {backend.size}: weights differ from process 0 (checksum "
+                f"{table[r][1]:.17g} vs {table[0][1]:.17g})"
+                for r in differ
+            )
+            raise RuntimeError(
+                f"replicate.callbacks.ConsistencyCheck at batch {batch + 1} of epoch "
+                f"{self._epoch + 1}: {named}. Replicas must apply identical updates; "
+                "look for code that changes one process's weights (a callback, a custom "
+                "step that branches on the rank) or a faulty host."
+            )

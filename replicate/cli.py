@@ -1,4 +1,4 @@
-"""The `replicate` command: `demo` and `devices`."""
+"""The `replicate` command: `demo`, `devices`, `export` and `launch`."""
 
 from __future__ import annotations
 
@@ -55,6 +55,32 @@ def _parser() -> argparse.ArgumentParser:
         "--version", type=positive_int, help="version number (default: the next free one)"
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing version")
+
+    launch = commands.add_parser(
+        "launch",
+        help="run a training script as several processes (collective backend, TF_CONFIG)",
+        description="Starts --nproc processes of one job on this machine, each with its "
+        "TF_CONFIG, RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; prefixes their "
+        "output with the rank; when one fails, stops the others and exits with its status.",
+    )
+    launch.add_argument("--nproc", type=positive_int, required=True, help="processes on this host")
+    launch.add_argument(
+        "--hosts",
+        type=lambda text: [h for h in text.split(",") if h],
+        help="every host of the job, in the same order on each (default: this one only)",
+    )
+    launch.add_argument(
+        "--node-rank", type=int, default=0, help="this host's place in --hosts (default 0)"
+    )
+    launch.add_argument(
+        "--port",
+        type=positive_int,
+        help="first of --nproc consecutive ports on every host (required with --hosts; "
+        "default: free ports on localhost)",
+    )
+    launch.add_argument(
+        "command_line", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="what to run"
+    )
     return parser
 
 
@@ -99,15 +125,38 @@ def main(argv: list[str] | None = None) -> int:
         print("GPUs (NVML):")
         print(telemetry.format_table(telemetry.gpu_stats()))
         return 0
+    if args.command == "launch":
+        from replicate import launch
+
+        command = list(args.command_line)
+        if command[:1] == ["--"]:
+            command = command[1:]
+        try:
+            return launch.run(
+                command,
+                args.nproc,
+                hosts=args.hosts,
+                node_rank=args.node_rank,
+                port=args.port,
+            )
+        except ValueError as error:
+            raise SystemExit(f"replicate launch: error: {error}") from None
     if args.command == "export":
         from pathlib import Path
 
         import keras
 
-        from replicate.export import export_saved_model
+        from replicate.export import export_saved_model, next_version
 
         if not Path(args.model).is_file():
             raise SystemExit(f"replicate export: error: no model file at {args.model!r}")
+        target = Path(args.export_base) / str(args.version)
+        if args.version is not None and target.exists() and not args.overwrite:
+            raise SystemExit(
+                f"replicate export: error: version {args.version} already exists at "
+                f"{str(target)!r}. Add --overwrite to replace it, or leave out --version to "
+                f"write the next free number ({next_version(args.export_base)})."
+            )
         model = keras.models.load_model(args.model)
         try:
             path = export_saved_model(

@@ -147,12 +147,18 @@ def export_saved_model(
     return str(target)
 
 
+def _output_names(model: keras.Model) -> list[str]:
+    """The name of the layer that makes each output (a Sequential's last layer too)."""
+    layers = []
+    for output in model.outputs:
+        history = getattr(output, "_keras_history", None)
+        layers.append(_Named(history.operation.name) if history is not None else output)
+    return _names(layers, "output")
+
+
 def _write(model: keras.Model, path: Path, classify: bool | None) -> None:
     input_names = _names(model.inputs, "input")
-    output_names = _names(
-        [_Named(n) for n in getattr(model, "output_names", None) or []] or model.outputs,
-        "output",
-    )
+    output_names = _output_names(model)
     specs = [
         tf.TensorSpec(t.shape, t.dtype, name=name)
         for t, name in zip(model.inputs, input_names, strict=True)

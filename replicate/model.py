@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,6 +52,7 @@ class ReplicatedModel(keras.Model):
         self.template = builder.model
         self._builder = builder
         self._backend = distribution
+        self._skip_batches = 0
         self.built = True
         if getattr(self.template, "compiled", False):
             self._adopt_compile()
@@ -178,7 +180,8 @@ class ReplicatedModel(keras.Model):
             if template.trainable_weights:
                 grads = self._backend.sum_gradients(step.grads)
                 optimizer.apply_gradients(zip(grads, template.trainable_weights))
-            return template.compute_metrics(x, y, step.outputs, sample_weight=sample_weight)
+            logs = template.compute_metrics(x, y, step.outputs, sample_weight=sample_weight)
+            return self._over_processes(logs, share)
 
     def test_step(self, data: Any) -> Any:
         if steps.overridden(self.template, "test_step"):
@@ -188,8 +191,10 @@ class ReplicatedModel(keras.Model):
         y_pred, model_loss = self._builder._evaluate(x)
         with tf.device(self.variable_device):
             loss = self._batch_loss(x, y, y_pred, sample_weight, model_loss, training=False)
-            template._loss_tracker.update_state(loss, sample_weight=reduce.batch_size(x))
-            return template.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+            count = reduce.batch_size(x)
+            template._loss_tracker.update_state(loss, sample_weight=count)
+            logs = template.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+            return self._over_processes(logs, self._share(count))
 
     def predict_step(self, data: Any) -> Any:
         if steps.overridden(self.template, "predict_step"):
@@ -197,22 +202,62 @@ class ReplicatedModel(keras.Model):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         return self._builder.call(x)
 
-    def get_metrics_result(self) -> dict[str, Any]:
-        """The metrics over every process's samples (what Keras shows and records).
+    def make_train_function(self, force: bool = False) -> Any:
+        if self.train_function is None or force:
+            super().make_train_function(force=True)
+            self.train_function = self._marked(self.train_function, skip=True)
+        return self.train_function
+
+    def make_test_function(self, force: bool = False) -> Any:
+        if self.test_function is None or force:
+            super().make_test_function(force=True)
+            self.test_function = self._marked(self.test_function, skip=False)
+        return self.test_function
+
+    def _marked(self, function: Callable[[Any], Any], *, skip: bool) -> Callable[[Any], Any]:
+        """`function` (one execution of steps) marked for the watchdog; across
+        processes a step is made of collectives. For training, it first passes
+        over the batches a restored backup had already trained on."""
+        watchdog = self._backend.watchdog
+
+        def marked(iterator):
+            if skip and self._skip_batches > 0:
+                for _ in range(min(self._skip_batches, self.steps_per_execution)):
+                    next(iterator)
+                    self._skip_batches -= 1
+                return {}
+            with watchdog.waiting():
+                return function(iterator)
+
+        return marked
+
+    def combined_results(self, metrics: Sequence[keras.metrics.Metric]) -> list[Any]:
+        """Each metric's result over every process's samples (one collective for all).
 
         Across processes, each metric's state (totals and counts) is combined
         first, then the result is computed from it: a loss averaged over 100
         samples on one process and 90 on another is the mean over all 190.
+        Works eagerly and inside a step.
         """
+        if self._backend.size == 1:
+            return [m.result() for m in metrics]
+        variables = [v for m in metrics for v in m.variables]
+        state = self._backend.reduce_state(
+            [v.value for v in variables], [v.aggregation for v in variables]
+        )
+        results, start = [], 0
+        for metric in metrics:
+            count = len(metric.variables)
+            results.append(metric.stateless_result(state[start : start + count]))
+            start += count
+        return results
+
+    def get_metrics_result(self) -> dict[str, Any]:
+        """The metrics over every process's samples (what Keras shows and records)."""
         if self._backend.size == 1:
             return self.template.get_metrics_result()
         results: dict[str, Any] = {}
-        for metric in self.metrics:
-            variables = metric.variables
-            state = self._backend.reduce_state(
-                [v.value for v in variables], [v.aggregation for v in variables]
-            )
-            result = metric.stateless_result(state)
+        for metric, result in zip(self.metrics, self.combined_results(self.metrics)):
             if isinstance(result, dict):
                 results.update(result)
             else:
@@ -222,6 +267,26 @@ class ReplicatedModel(keras.Model):
                 k: float(v) if np.ndim(v) == 0 else np.asarray(v) for k, v in results.items()
             }
         return results
+
+    def _over_processes(self, logs: Any, share: tf.Tensor | None) -> Any:
+        """A step's logs covering every process: metric results from the combined
+        state; other floating-point scalars averaged by each process's share."""
+        if self._backend.size == 1 or not isinstance(logs, dict):
+            return logs
+        combined = self.get_metrics_result()
+        out = dict(logs)
+        rest = [
+            k
+            for k, v in logs.items()
+            if k not in combined and tf.is_tensor(v) and v.shape.rank == 0 and v.dtype.is_floating
+        ]
+        for k in logs:
+            if k in combined:
+                out[k] = combined[k]
+        if rest:
+            summed = self._backend.all_sum([logs[k] * tf.cast(share, logs[k].dtype) for k in rest])
+            out.update(zip(rest, summed))
+        return out
 
     # -- several processes: one progress bar, one writer, agreed step counts ---
 
@@ -238,9 +303,9 @@ class ReplicatedModel(keras.Model):
         call = _bind(keras.Model.fit, self, args, kwargs)
         if self._backend.size == 1:
             return super().fit(**call)
-        self._broadcast_state()
-        processes.prepare_fit(call, self._backend)
         with processes.failures(self._backend):
+            self._broadcast_state()
+            processes.prepare_fit(call, self._backend)
             return super().fit(**call)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
@@ -248,10 +313,10 @@ class ReplicatedModel(keras.Model):
         call = _bind(keras.Model.evaluate, self, args, kwargs)
         if self._backend.size == 1:
             return super().evaluate(**call)
-        # Inside fit, Keras evaluates the validation data it already prepared.
-        if not call.get("_use_cached_eval_dataset"):
-            processes.prepare_evaluate(call, self._backend)
-        with processes.failures(self._backend):
+        with processes.failures(self._backend, during="evaluate"):
+            # Inside fit, Keras evaluates the validation data it already prepared.
+            if not call.get("_use_cached_eval_dataset"):
+                processes.prepare_evaluate(call, self._backend)
             return super().evaluate(**call)
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
@@ -270,14 +335,18 @@ class ReplicatedModel(keras.Model):
     # -- saving goes through the template -------------------------------------
 
     def save(self, filepath: Any, *args: Any, **kwargs: Any) -> None:
-        """Saves the compiled template (an ordinary Keras model) on the chief process only."""
+        """Saves the compiled template (an ordinary Keras model), on the chief process only.
+
+        The file is written beside its final name and renamed into place, so a
+        crash while writing leaves the previous file (a `ModelCheckpoint`) intact.
+        """
         if self._backend.is_chief:
-            self.template.save(filepath, *args, **kwargs)
+            _atomically(self.template.save, filepath, *args, **kwargs)
 
     def save_weights(self, filepath: Any, *args: Any, **kwargs: Any) -> None:
-        """Saves the template's weights on the chief process only."""
+        """Saves the template's weights on the chief process only, atomically as `save`."""
         if self._backend.is_chief:
-            self.template.save_weights(filepath, *args, **kwargs)
+            _atomically(self.template.save_weights, filepath, *args, **kwargs)
 
     def load_weights(self, filepath: Any, *args: Any, **kwargs: Any) -> None:
         """Loads weights saved from the template (or from an unreplicated model)."""
@@ -288,6 +357,26 @@ class ReplicatedModel(keras.Model):
             "A ReplicatedModel is not serialised itself; save `model.template` "
             "(what `model.save` does) and replicate it again after loading."
         )
+
+
+def _atomically(write: Callable[..., None], filepath: Any, *args: Any, **kwargs: Any) -> None:
+    """Writes through `write` to a temporary name beside `filepath`, then renames it."""
+    path = str(filepath)
+    suffix = next((s for s in (".weights.h5", ".keras", ".h5") if path.endswith(s)), None)
+    if suffix is None or "://" in path:  # not a local file Keras names by suffix
+        write(filepath, *args, **kwargs)
+        return
+    if kwargs.get("overwrite", True) is False and os.path.exists(path):
+        write(filepath, *args, **kwargs)  # Keras asks before overwriting
+        return
+    folder, name = os.path.split(path)
+    staging = os.path.join(folder, f".{name[: -len(suffix)]}.partial-{os.getpid()}{suffix}")
+    try:
+        write(staging, *args, **kwargs)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
 
 
 def _bind(method: Callable[..., Any], model: keras.Model, args: tuple, kwargs: dict) -> dict:

@@ -1,15 +1,31 @@
-"""Keras `fit` and `evaluate` across processes: agreed steps, one writer, clear failures."""
+"""Keras `fit` and `evaluate` across processes: agreed steps, one writer, no hangs.
+
+Every process must run the same number of steps, or a collective waits for
+ever. `prepare_fit` and `prepare_evaluate` rewrite the call so that they do,
+whatever the inputs (arrays, `tf.data`, `PyDataset`), training and
+validation; a Python generator, whose length nobody can know in advance,
+needs `steps_per_epoch`/`validation_steps`/`steps` or is refused.
+
+`Watchdog` ends a process that stops making progress outside the collective
+steps (a callback that sleeps, a data loader that deadlocks), naming it, so
+that the launcher ends the job instead of letting the others wait for ever.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from replicate.backends import Backend
 from replicate.data import ProcessBatches, agree_on_steps
 
 # Callbacks that write files: only the chief runs them.
@@ -19,88 +35,294 @@ CHIEF_ONLY = (
     keras.callbacks.CSVLogger,
 )
 
+# The exit status of a process that the watchdog stopped (EX_TEMPFAIL).
+HUNG_EXIT_CODE = 75
 
-def _is_array_data(x: Any) -> bool:
+
+class Watchdog:
+    """Stops a process that makes no progress, so that its job ends instead of hanging.
+
+    A process is either waiting at a collective (a training or evaluation
+    step, a broadcast, an agreement on step counts) or doing its own work
+    between them (callbacks, the data pipeline, user code). Its own work
+    taking longer than `limit` seconds means the others wait for it: the
+    watchdog prints where this process is and ends it with exit status 75,
+    and the launcher (`horovodrun`, `replicate launch`) stops the others.
+    Waiting at a collective for more than three times `limit` (a peer that
+    froze without its own watchdog running) ends the process the same way.
+
+    Args:
+        rank, size: This process and the number of processes (for messages).
+        limit: Seconds; 0 disables the watchdog.
+    """
+
+    def __init__(self, rank: int, size: int, limit: float) -> None:
+        self.rank, self.size, self.limit = rank, size, float(limit)
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._since = time.monotonic()
+        self._fetches: dict[int, float] = {}
+        self._stop: threading.Event | None = None
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Marks a collective (or a step made of them): the others are expected here too."""
+        with self._lock:
+            self._waiting += 1
+            self._since = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waiting -= 1
+                self._since = time.monotonic()
+
+    @contextlib.contextmanager
+    def fetching(self) -> Iterator[None]:
+        """Marks this process's own data loading (it may run inside a step)."""
+        key = threading.get_ident()
+        with self._lock:
+            self._fetches[key] = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._fetches.pop(key, None)
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """Runs the watchdog's thread for the duration of a `fit` or `evaluate`."""
+        if self.limit <= 0 or self.size == 1 or self._stop is not None:
+            yield
+            return
+        self._stop = threading.Event()
+        self._since = time.monotonic()
+        thread = threading.Thread(target=self._watch, daemon=True, name="replicate-watchdog")
+        thread.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            thread.join()
+            self._stop = None
+
+    def _watch(self) -> None:
+        main = threading.main_thread().ident
+        while not self._stop.wait(min(1.0, self.limit / 10)):
+            now = time.monotonic()
+            with self._lock:
+                idle = now - self._since
+                waiting = self._waiting > 0
+                fetches = {k: now - t for k, t in self._fetches.items()}
+            stuck = [k for k, spent in fetches.items() if spent > self.limit]
+            if stuck:
+                self._end(f"loading data for {fetches[stuck[0]]:.0f} s", stuck[0])
+            elif not waiting and idle > self.limit:
+                self._end(
+                    f"made no progress for {idle:.0f} s outside the collective steps (in a "
+                    "callback, the data pipeline or other code between steps), while the "
+                    "other processes wait for it",
+                    main,
+                )
+            elif waiting and idle > 3 * self.limit:
+                self._end(
+                    f"waited {idle:.0f} s at a collective for the other processes, which "
+                    "did not arrive (one may have frozen, or be stuck inside its step)",
+                    main,
+                )
+
+    def _end(self, what: str, thread_id: int) -> None:
+        frame = sys._current_frames().get(thread_id)
+        where = "".join(traceback.format_stack(frame)) if frame is not None else "(unknown)\n"
+        sys.stderr.write(
+            f"replicate: process {self.rank} of {self.size} {what}. Stopping it (exit status "
+            f"{HUNG_EXIT_CODE}) so that the job ends instead of hanging; the limit is "
+            f"{self.limit:g} s (REPLICATE_HANG_TIMEOUT=<seconds>, or hang_timeout= in the "
+            f"backend's options; 0 turns this off). It was at:\n{where}"
+        )
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(HUNG_EXIT_CODE)
+
+
+class AgreedBatches(keras.utils.PyDataset):
+    """A `PyDataset` padded with empty batches up to the most steps of any process."""
+
+    def __init__(self, inner: keras.utils.PyDataset, backend: Any) -> None:
+        super().__init__(
+            workers=inner.workers,
+            use_multiprocessing=inner.use_multiprocessing,
+            max_queue_size=inner.max_queue_size,
+        )
+        self.inner = inner
+        self.watchdog = backend.watchdog
+        try:
+            self.local = len(inner)
+        except TypeError:
+            raise ValueError(_NEEDS_STEPS.format(what="an endless PyDataset")) from None
+        self.steps = int(backend.reduce_max(tf.constant(self.local)))
+        self._empty = None
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int) -> Any:
+        with self.watchdog.fetching():
+            if index < self.local:
+                return self.inner[index]
+            if self._empty is None:
+                self._empty = tf.nest.map_structure(lambda a: np.asarray(a)[:0], self.inner[0])
+            return self._empty
+
+    def on_epoch_end(self) -> None:
+        self.inner.on_epoch_end()
+
+
+_NEEDS_STEPS = (
+    "Across processes every process must run the same number of steps, which "
+    "replicate cannot count for {what}. Pass `steps_per_epoch` (and "
+    "`validation_steps`, or `steps` for evaluate), or give arrays, a tf.data.Dataset "
+    "or a keras.utils.PyDataset."
+)
+
+
+def _as_arrays(x: Any) -> Any | None:
+    """`x` as numpy arrays if it is array data (numpy, eager tensors, pandas), else None."""
     leaves = tf.nest.flatten(x)
-    return bool(leaves) and all(isinstance(v, np.ndarray) for v in leaves)
+    if not leaves:
+        return None
+    kinds = (np.ndarray, tf.Tensor)
+    if not all(isinstance(v, kinds) or type(v).__module__.startswith("pandas") for v in leaves):
+        return None
+    return tf.nest.map_structure(np.asarray, x)
 
 
-def _chief_only_output(call: dict[str, Any], backend: Backend) -> None:
+def _agree(data: Any, backend: Any, *, what: str, steps: Any) -> Any:
+    """One non-array input made to run the same number of steps on every process."""
+    if steps is not None:
+        return data  # the user fixed the count for every process
+    if isinstance(data, tf.data.Dataset):
+        return agree_on_steps(data, backend)
+    if isinstance(data, keras.utils.PyDataset):
+        return AgreedBatches(data, backend)
+    if hasattr(data, "__next__") or hasattr(data, "gi_frame"):
+        raise ValueError(_NEEDS_STEPS.format(what=f"a Python generator (`{what}`)"))
+    raise ValueError(
+        f"Across processes, `{what}` must be arrays, a tf.data.Dataset or a "
+        f"keras.utils.PyDataset. Received: {what} of type {type(data).__name__}."
+    )
+
+
+def _chief_only_output(call: dict[str, Any], backend: Any) -> None:
     if backend.is_chief:
         return
     call["verbose"] = 0
     call["callbacks"] = [c for c in call.get("callbacks") or [] if not isinstance(c, CHIEF_ONLY)]
 
 
-def prepare_fit(call: dict[str, Any], backend: Backend) -> None:
-    """Rewrites `fit`'s arguments so that every process runs the same steps."""
-    _chief_only_output(call, backend)
-    x = call.get("x")
-    if isinstance(x, tf.data.Dataset):
-        call["x"] = agree_on_steps(x, backend)
-        if isinstance(call.get("validation_data"), tf.data.Dataset):
-            call["validation_data"] = agree_on_steps(call["validation_data"], backend)
-        return
-    if not _is_array_data(x):
-        return
-    batch_size = call.get("batch_size") or 32
-    y, weights = call.get("y"), call.get("sample_weight")
-    split = call.pop("validation_split", 0.0)
-    if split:
-        n = len(tf.nest.flatten(x)[0])
-        cut = int(n * (1.0 - split))
-
-        def head(a):
-            return tf.nest.map_structure(lambda v: None if v is None else v[:cut], a)
-
-        def tail(a):
-            return tf.nest.map_structure(lambda v: None if v is None else v[cut:], a)
-
-        call["validation_data"] = ProcessBatches(
-            tail(x), tail(y), tail(weights), batch_size=batch_size, backend=backend
-        )
-        x, y, weights = head(x), head(y), head(weights)
-    elif isinstance(call.get("validation_data"), tuple):
-        call["validation_data"] = ProcessBatches(
-            *call["validation_data"], batch_size=batch_size, backend=backend
-        )
+def _arrays_call(call: dict[str, Any], backend: Any, batch_size: int, **options) -> None:
     call["x"] = ProcessBatches(
-        x,
-        y,
-        weights,
-        batch_size=batch_size,
-        backend=backend,
-        shuffle=bool(call.get("shuffle", False)),
-    )
-    call["y"] = call["sample_weight"] = call["batch_size"] = None
-
-
-def prepare_evaluate(call: dict[str, Any], backend: Backend) -> None:
-    """Rewrites `evaluate`'s arguments so that every process runs the same steps."""
-    _chief_only_output(call, backend)
-    x = call.get("x")
-    if isinstance(x, tf.data.Dataset):
-        call["x"] = agree_on_steps(x, backend)
-        return
-    if not _is_array_data(x):
-        return
-    call["x"] = ProcessBatches(
-        x,
+        call["x"],
         call.get("y"),
         call.get("sample_weight"),
-        batch_size=call.get("batch_size") or 32,
+        batch_size=batch_size,
         backend=backend,
+        **options,
     )
     call["y"] = call["sample_weight"] = call["batch_size"] = None
+
+
+def _validation(data: Any, backend: Any, *, batch_size: int, steps: Any) -> Any:
+    if isinstance(data, (tuple, list)):
+        arrays = _as_arrays(tuple(data))
+        if arrays is None:
+            raise ValueError(
+                "Across processes, `validation_data` given as a tuple must hold arrays "
+                "(x, y[, sample_weight]). Received a tuple of "
+                f"{[type(v).__name__ for v in data]}."
+            )
+        return ProcessBatches(*arrays, batch_size=batch_size, backend=backend)
+    return _agree(data, backend, what="validation_data", steps=steps)
+
+
+def prepare_fit(call: dict[str, Any], backend: Any) -> None:
+    """Rewrites `fit`'s arguments so that every process runs the same steps."""
+    from replicate.resume import process_aware_callbacks
+
+    _chief_only_output(call, backend)
+    call["callbacks"] = process_aware_callbacks(call.get("callbacks"), backend)
+    batch_size = call.get("batch_size") or 32
+    split = call.pop("validation_split", 0.0)
+    arrays = _as_arrays(call.get("x"))
+    if arrays is not None:
+        call["x"] = arrays
+        call["y"] = None if call.get("y") is None else _as_arrays(call["y"])
+        call["sample_weight"] = (
+            None if call.get("sample_weight") is None else np.asarray(call["sample_weight"])
+        )
+        if split:
+            _split_validation(call, backend, split, batch_size)
+        _arrays_call(call, backend, batch_size, shuffle=bool(call.get("shuffle", False)))
+    else:
+        if split:
+            raise ValueError(
+                "`validation_split` is only supported for arrays (as in Keras). Received: "
+                f"x of type {type(call.get('x')).__name__}."
+            )
+        call["x"] = _agree(call["x"], backend, what="x", steps=call.get("steps_per_epoch"))
+    if call.get("validation_data") is not None:
+        call["validation_data"] = _validation(
+            call["validation_data"],
+            backend,
+            batch_size=call.get("validation_batch_size") or batch_size,
+            steps=call.get("validation_steps"),
+        )
+
+
+def _split_validation(call: dict[str, Any], backend: Any, split: float, batch_size: int) -> None:
+    n = len(tf.nest.flatten(call["x"])[0])
+    cut = int(n * (1.0 - split))
+
+    def part(a, piece):
+        return tf.nest.map_structure(lambda v: None if v is None else v[piece], a)
+
+    head, tail = slice(None, cut), slice(cut, None)
+    call["validation_data"] = ProcessBatches(
+        part(call["x"], tail),
+        part(call.get("y"), tail),
+        part(call.get("sample_weight"), tail),
+        batch_size=call.get("validation_batch_size") or batch_size,
+        backend=backend,
+    )
+    for key in ("x", "y", "sample_weight"):
+        call[key] = part(call.get(key), head)
+
+
+def prepare_evaluate(call: dict[str, Any], backend: Any) -> None:
+    """Rewrites `evaluate`'s arguments so that every process runs the same steps."""
+    _chief_only_output(call, backend)
+    arrays = _as_arrays(call.get("x"))
+    if arrays is not None:
+        call["x"] = arrays
+        call["y"] = None if call.get("y") is None else _as_arrays(call["y"])
+        _arrays_call(call, backend, call.get("batch_size") or 32)
+    else:
+        call["x"] = _agree(call["x"], backend, what="x", steps=call.get("steps"))
 
 
 @contextlib.contextmanager
-def failures(backend: Backend):
-    """Turns a lost peer's low-level error into replicate's message naming this process."""
+def failures(backend: Any, *, during: str = "fit"):
+    """Watches for hangs, and turns a lost peer's low-level error into replicate's message."""
     try:
-        yield
+        with backend.watchdog.watching():
+            yield
     except Exception as error:
         message = backend.describe_failure(error)
         if message is None:
             raise
+        if during == "evaluate":
+            message += (
+                " If only some processes call `evaluate` (e.g. `if rank == 0:`), evaluate "
+                "on this process's devices alone with `parallel.template.evaluate(...)`."
+            )
         raise RuntimeError(message) from error

@@ -145,8 +145,9 @@ class _Routing:
                 and kwargs.get("sample_weight") is None
                 and tf.convert_to_tensor(args[0]).shape.rank == 0
             ):
-                # One value per step: this tower's part is its share of the batch.
-                kwargs["sample_weight"] = self.run.slices.weights[context.index]
+                # One value per step: this tower's part is its share of the
+                # global batch (every process's towers together count once).
+                kwargs["sample_weight"] = self.run.omega[context.index]
             return original(*args, **kwargs)
 
         return update_state
@@ -179,9 +180,9 @@ class TowerRun:
             self.count = reduce.batch_size(x)
             self.share = parallel._share(self.count)
             weights = self.slices.weights
-            omega = weights if self.share is None else weights * self.share
+            self.omega = weights if self.share is None else weights * self.share
         self.group: TowerGroup = self.builder.group(
-            self.slices, threaded=True, gradient_weights=omega
+            self.slices, threaded=True, gradient_weights=self.omega
         )
 
     # -- the meeting at optimizer.apply --------------------------------------
@@ -266,32 +267,33 @@ class TowerRun:
 
     def _logs(self, outputs: list[Any], recorded: dict[int, tuple[Any, int]]) -> Any:
         """The step's return value, rebuilt from the combined state."""
-        first = outputs[0]
         flat = [tf.nest.flatten(o) for o in outputs]
-        results: dict[int, list[Any]] = {}
-        combined = []
+        metrics = list({id(m): m for m, _ in recorded.values()}.values())
+        results = dict(
+            zip(
+                [id(m) for m in metrics],
+                [tf.nest.flatten(r) for r in self.parallel.combined_results(metrics)],
+            )
+        )
+        combined, averaged = [], []
         for position, leaf in enumerate(flat[0]):
             source = recorded.get(id(leaf))
             if source is not None:
                 metric, index = source
-                if id(metric) not in results:
-                    results[id(metric)] = tf.nest.flatten(self._result(metric))
                 combined.append(results[id(metric)][index])
             elif tf.is_tensor(leaf) and leaf.shape.rank == 0 and leaf.dtype.is_floating:
+                # A value of the step's own (a loss): the batch's, weighted by slice size.
                 values = [[f[position]] for f in flat]
-                combined.append(reduce.weighted_sum(values, self.slices.weights)[0])
+                combined.append(reduce.weighted_sum(values, self.omega)[0])
+                averaged.append(position)
             else:
                 combined.append(leaf)
-        return tf.nest.pack_sequence_as(first, combined)
-
-    def _result(self, metric: keras.metrics.Metric) -> Any:
-        if self.backend.size == 1:
-            return metric.result()
-        variables = metric.variables
-        state = self.backend.reduce_state(
-            [v.value for v in variables], [v.aggregation for v in variables]
-        )
-        return metric.stateless_result(state)
+        if averaged and self.backend.size > 1:
+            for position, total in zip(
+                averaged, self.backend.all_sum([combined[p] for p in averaged])
+            ):
+                combined[position] = total
+        return tf.nest.pack_sequence_as(outputs[0], combined)
 
 
 def run(parallel: Any, step: str, data: Any) -> Any:

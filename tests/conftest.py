@@ -1,8 +1,12 @@
 """Four simulated devices for every test in this process, set before TensorFlow starts."""
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Shared helpers (model_zoo, process_worker) import as top-level modules.
+sys.path.insert(0, str(Path(__file__).parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -2,6 +2,7 @@
 equals single-device `fit` from the same start (the README's table names these tests)."""
 
 import keras
+import model_zoo
 import numpy as np
 import pytest
 from keras import ops
@@ -150,43 +151,12 @@ def test_mixed_precision_trains_like_one_device(name, policy, devices, data):
     np.testing.assert_allclose(history["loss"], expected["loss"], rtol=tolerance)
 
 
-class OwnLoss(keras.Model):
-    """Overrides compute_loss (an extra term) and the metrics it reports."""
-
-    def __init__(self):
-        super().__init__()
-        self.hidden = keras.layers.Dense(16, activation="tanh")
-        self.out = keras.layers.Dense(3)
-        self.penalty = keras.metrics.Mean(name="penalty")
-
-    def call(self, x, training=False):
-        return self.out(self.hidden(x))
-
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        loss = super().compute_loss(x, y, y_pred, sample_weight, training)
-        penalty = 0.1 * ops.mean(ops.square(y_pred))
-        self.penalty.update_state(penalty)
-        return loss + penalty
-
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        logs = super().compute_metrics(x, y, y_pred, sample_weight)
-        logs["largest_logit"] = ops.max(y_pred)
-        return logs
-
-
-def _own_loss(seed=7):
-    keras.utils.set_random_seed(seed)
-    model = OwnLoss()
-    model(np.zeros((1, 6), "float32"))
-    return model
-
-
 def test_compute_loss_and_compute_metrics_overrides(devices, data, weight_diff):
     x, y = data
-    single, model, parallel = _pair(devices, make=_own_loss)
+    single, model, parallel = _pair(devices, make=model_zoo.own_loss)
     expected = _fit(single, x, y)
     history = _fit(parallel, x, y)
-    assert "penalty" in history and "largest_logit" in history
+    assert "penalty" in history and "mean_logit" in history
     _assert_same(history, expected, model, single, weight_diff)
 
 
@@ -208,15 +178,9 @@ def test_metrics_property_override(devices, data, weight_diff):
 
 
 def test_multi_input_model(devices, data, weight_diff):
-    def make():
-        keras.utils.set_random_seed(2)
-        a, b = keras.Input((4,), name="a"), keras.Input((2,), name="b")
-        h = keras.layers.Concatenate()([keras.layers.Dense(8)(a), b])
-        return keras.Model({"a": a, "b": b}, keras.layers.Dense(3)(h))
-
     x, y = data
-    inputs = {"a": x[:, :4], "b": x[:, 4:]}
-    single, model, parallel = _pair(devices, make=make)
+    inputs = model_zoo.split_inputs(x)
+    single, model, parallel = _pair(devices, make=model_zoo.multi_input)
     _assert_same(_fit(parallel, inputs, y), _fit(single, inputs, y), model, single, weight_diff)
 
 

@@ -131,7 +131,7 @@ def test_not_a_model(tmp_path):
 
 def test_cli_export(tmp_path):
     saved = tmp_path / "model.keras"
-    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(saved)
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="probs")]).save(saved)
     cli = BIN / "replicate"
     result = subprocess.run(
         [cli, "export", saved, tmp_path / "cli", "--version", "7"], capture_output=True, text=True
@@ -142,7 +142,18 @@ def test_cli_export(tmp_path):
         [cli, "export", saved, tmp_path / "cli", "--version", "7"], capture_output=True, text=True
     )
     assert again.returncode == 1
-    assert "Version 7 already exists" in again.stderr
+    assert (
+        "version 7 already exists" in again.stderr
+        and "Add --overwrite to replace it, or leave out --version" in again.stderr
+        and "overwrite=True" not in again.stderr
+    )
+    # A Sequential's output is named after its last layer, as a functional model's.
+    shown = subprocess.run(
+        [BIN / "saved_model_cli", "show", "--dir", tmp_path / "cli" / "7", "--all"],
+        capture_output=True,
+        text=True,
+    )
+    assert "outputs['probs']" in shown.stdout, shown.stdout[-2000:]
     missing = subprocess.run(
         [cli, "export", tmp_path / "nope.keras", tmp_path / "cli"], capture_output=True, text=True
     )

@@ -1,75 +1,14 @@
 """A model's own train_step/test_step/predict_step on towers, and synchronized BatchNorm."""
 
 import keras
+import model_zoo
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import replicate
 
-
-class TwoStep(keras.Model):
-    """Two optimizers; the second update reads the weights the first one wrote."""
-
-    def __init__(self):
-        super().__init__()
-        self.first = keras.layers.Dense(8, activation="tanh")
-        self.second = keras.layers.Dense(3)
-        self.first_loss = keras.metrics.Mean(name="first_loss")
-        self.error = keras.metrics.MeanAbsoluteError(name="error")
-
-    def call(self, x, training=False):
-        return self.second(self.first(x))
-
-    def compile(self, first_optimizer, second_optimizer, **kwargs):
-        super().compile(**kwargs)
-        self.first_optimizer = first_optimizer
-        self.second_optimizer = second_optimizer
-
-    @property
-    def metrics(self):
-        return [self.first_loss, self.error]
-
-    def train_step(self, data):
-        x, y = data
-        target = tf.one_hot(y, 3)
-        with tf.GradientTape() as tape:
-            first = tf.reduce_mean(tf.square(self(x, training=True) - target))
-        grads = tape.gradient(first, self.first.trainable_weights)
-        self.first_optimizer.apply_gradients(zip(grads, self.first.trainable_weights))
-        with tf.GradientTape() as tape:
-            prediction = self(x, training=True)  # sees the first update
-            second = tf.reduce_mean(tf.abs(prediction - target))
-        grads = tape.gradient(second, self.second.trainable_weights)
-        self.second_optimizer.apply(grads, self.second.trainable_weights)
-        self.first_loss.update_state(first)  # one scalar per step
-        self.error.update_state(target, prediction)  # per sample
-        return {
-            "first_loss": self.first_loss.result(),
-            "error": self.error.result(),
-            "second": second,
-        }
-
-    def test_step(self, data):
-        x, y = data
-        prediction = self(x, training=False)
-        self.error.update_state(tf.one_hot(y, 3), prediction)
-        return {"error": self.error.result()}
-
-    def predict_step(self, data):
-        return tf.nn.softmax(self(data, training=False))
-
-
-def _two_step(seed=2):
-    keras.utils.set_random_seed(seed)
-    model = TwoStep()
-    model(np.zeros((1, 6), "float32"))
-    return model
-
-
-def _compile_two(model):
-    model.compile(keras.optimizers.SGD(0.1, momentum=0.5), keras.optimizers.Adam(0.01))
-    return model
+_two_step, _compile_two = model_zoo.two_step, model_zoo.compile_two
 
 
 @pytest.mark.parametrize("towers", [2, 3])
@@ -184,17 +123,7 @@ def test_gan_with_noise_and_two_optimizers_trains(devices, classification_data):
     assert int(parallel.template.d_optimizer.iterations) == 8  # 4 batches x 2 epochs
 
 
-def _synchronized(seed=1, synchronized=True):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(8),
-            keras.layers.BatchNormalization(synchronized=synchronized),
-            keras.layers.Activation("relu"),
-            keras.layers.Dense(3),
-        ]
-    )
+_synchronized = model_zoo.synchronized_bn
 
 
 def _compile(model):

@@ -9,12 +9,15 @@ lost process. A multi-process backend implements four calls of its engine:
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import tensorflow as tf
 
 COMPRESSIONS = ("none", "fp16")
+DEFAULT_HANG_TIMEOUT = 120.0
 
 
 class Backend:
@@ -27,15 +30,23 @@ class Backend:
         compression: `"fp16"` sends floating-point gradients as float16
             (half the traffic) and casts them back; `"none"` or `None` sends
             them as they are.
+        hang_timeout: Seconds a process may spend outside the collective
+            steps (callbacks, data loading) while the others wait, before it
+            is stopped so that the job ends instead of hanging
+            (`replicate.processes.Watchdog`). Defaults to the
+            `REPLICATE_HANG_TIMEOUT` environment variable, else 120; 0 turns
+            it off.
 
     Raises:
-        ValueError: For an unknown compression.
+        ValueError: For an unknown compression or a negative `hang_timeout`.
     """
 
     name: str = "base"
     launcher: str = "launcher"
 
-    def __init__(self, *, compression: str | None = None) -> None:
+    def __init__(
+        self, *, compression: str | None = None, hang_timeout: float | None = None
+    ) -> None:
         choice = "none" if compression is None else compression
         if choice not in COMPRESSIONS:
             raise ValueError(
@@ -43,6 +54,24 @@ class Backend:
                 f"Choose one of {list(COMPRESSIONS)}."
             )
         self.compression = choice
+        if hang_timeout is None:
+            hang_timeout = float(os.environ.get("REPLICATE_HANG_TIMEOUT", DEFAULT_HANG_TIMEOUT))
+        if hang_timeout < 0:
+            raise ValueError(
+                "`hang_timeout` must be >= 0 seconds (0 turns the watchdog off). "
+                f"Received: hang_timeout={hang_timeout!r}"
+            )
+        self.hang_timeout = float(hang_timeout)
+        self._watchdog = None
+
+    @property
+    def watchdog(self) -> Any:
+        """This process's `replicate.processes.Watchdog`."""
+        if self._watchdog is None:
+            from replicate.processes import Watchdog
+
+            self._watchdog = Watchdog(self.rank, self.size, self.hang_timeout)
+        return self._watchdog
 
     # -- identity ------------------------------------------------------------
 
@@ -108,11 +137,18 @@ class Backend:
         tensors = [tf.convert_to_tensor(t) for t in tensors]
         if self.size == 1 or not tensors:
             return tensors
-        if not compress:
-            return self._all_sum(tensors)
-        sent = [t if t.dtype != tf.float32 else tf.cast(t, tf.float16) for t in tensors]
-        summed = self._all_sum(sent)
-        return [tf.cast(s, t.dtype) for s, t in zip(summed, tensors)]
+        with self._collective():
+            if not compress:
+                return self._all_sum(tensors)
+            sent = [t if t.dtype != tf.float32 else tf.cast(t, tf.float16) for t in tensors]
+            summed = self._all_sum(sent)
+            return [tf.cast(s, t.dtype) for s, t in zip(summed, tensors)]
+
+    def _collective(self):
+        """Marks an eager collective for the watchdog (this process waits for the others)."""
+        if tf.executing_eagerly():
+            return self.watchdog.waiting()
+        return contextlib.nullcontext()
 
     def sum_gradients(self, grads: Sequence[Any]) -> list[Any]:
         """Sums gradients over processes (`None` stays `None`; sparse ones are sent dense)."""
@@ -162,18 +198,21 @@ class Backend:
         """The maximum of an integer scalar over processes."""
         if self.size == 1:
             return value
-        return self._all_max(tf.cast(value, tf.int64))
+        with self._collective():
+            return self._all_max(tf.cast(value, tf.int64))
 
     def broadcast_variables(self, variables: Sequence[Any], root_rank: int = 0) -> None:
         """Gives `variables` (Keras or TF) on every process their values on `root_rank`."""
         if self.size == 1 or not variables:
             return
-        self._broadcast([getattr(v, "value", v) for v in variables], root_rank)
+        with self._collective():
+            self._broadcast([getattr(v, "value", v) for v in variables], root_rank)
 
     def barrier(self) -> None:
         """Waits until every process has reached this point."""
         if self.size > 1:
-            self._all_sum([tf.zeros((1,))])
+            with self._collective():
+                self._all_sum([tf.zeros((1,))])
 
     def describe_failure(self, error: BaseException) -> str | None:
         """A message if `error` means another process was lost, else `None`."""

@@ -42,8 +42,9 @@ COMMUNICATIONS = ("auto", "ring", "nccl")
 _TRACED_KEYS = 1
 _EAGER_KEYS = 1 << 30
 
-# TensorFlow's collective runtime is configured once per process; this is
-# that process-wide fact, not replicate state.
+# TensorFlow's collective runtime is configured once per process; this records
+# that process-wide fact, with what every backend object of the process shares:
+# the instance keys (two objects must never reuse one) and the health check.
 _STARTED: dict[str, Any] = {}
 
 
@@ -81,7 +82,13 @@ def _start(cluster: cluster_lib.Cluster) -> None:
         default_session_config=ctx.config,
     )
     ctx.enable_collective_ops(server_def)
-    _STARTED.update(addresses=list(cluster.addresses), rank=cluster.rank)
+    _STARTED.update(
+        addresses=list(cluster.addresses),
+        rank=cluster.rank,
+        keys={True: _EAGER_KEYS, False: _TRACED_KEYS},
+        lock=threading.Lock(),
+        health=None,
+    )
 
 
 class CollectiveBackend(Backend):
@@ -98,6 +105,9 @@ class CollectiveBackend(Backend):
             health check). Defaults to `REPLICATE_COLLECTIVE_TIMEOUT` or 600.
         health_interval: Seconds between health checks of the other processes.
             Defaults to 5.
+        hang_timeout: See `replicate.Backend`: seconds a process may spend
+            outside the collective steps before it is stopped. Defaults to
+            `REPLICATE_HANG_TIMEOUT` or 120.
 
     Raises:
         ValueError: For an unknown `communication` or compression, or a
@@ -115,8 +125,9 @@ class CollectiveBackend(Backend):
         *,
         timeout: float | None = None,
         health_interval: float = 5.0,
+        hang_timeout: float | None = None,
     ) -> None:
-        super().__init__(compression=compression)
+        super().__init__(compression=compression, hang_timeout=hang_timeout)
         if communication not in COMMUNICATIONS:
             raise ValueError(
                 f"Unknown communication. Received: communication={communication!r}. "
@@ -131,10 +142,6 @@ class CollectiveBackend(Backend):
         self.health_interval = float(health_interval)
         self.cluster = cluster_lib.tf_config()
         _start(self.cluster)
-        self._keys = {True: _EAGER_KEYS, False: _TRACED_KEYS}
-        self._health: threading.Thread | None = None
-        self._waiting_for_peers = False
-        self._lock = threading.Lock()
 
     @property
     def rank(self) -> int:
@@ -156,9 +163,9 @@ class CollectiveBackend(Backend):
 
     def _key(self) -> int:
         eager = tf.executing_eagerly()
-        with self._lock:
-            self._keys[eager] += 1
-            return self._keys[eager]
+        with _STARTED["lock"]:
+            _STARTED["keys"][eager] += 1
+            return _STARTED["keys"][eager]
 
     def _reduce(self, tensor: tf.Tensor, merge_op: str) -> tf.Tensor:
         if tf.executing_eagerly():
@@ -222,13 +229,14 @@ class CollectiveBackend(Backend):
     # -- health of the other processes -------------------------------------------
 
     def _ensure_health_check(self) -> None:
-        if self._health is not None or self._waiting_for_peers or self.size == 1:
+        if _STARTED["health"] is not None or self.size == 1:
             return
         # Wait until every process is up before watching them.
-        self._waiting_for_peers = True
+        _STARTED["health"] = "starting"
         self._all_sum([tf.zeros((1,))])[0].numpy()
-        self._health = threading.Thread(target=self._watch, daemon=True, name="replicate-health")
-        self._health.start()
+        thread = threading.Thread(target=self._watch, daemon=True, name="replicate-health")
+        _STARTED["health"] = thread
+        thread.start()
 
     def _watch(self) -> None:
         import time

@@ -49,6 +49,9 @@ class HorovodBackend(Backend):
     Args:
         compression: `"fp16"` sends gradients as float16 (half the traffic)
             and casts them back; `"none"` or `None` sends them as they are.
+        hang_timeout: See `replicate.Backend`: seconds a process may spend
+            outside the collective steps before it is stopped. Defaults to
+            `REPLICATE_HANG_TIMEOUT` or 120.
 
     Raises:
         ValueError: For an unknown compression.
@@ -58,8 +61,10 @@ class HorovodBackend(Backend):
     name = "horovod"
     launcher = "horovodrun"
 
-    def __init__(self, compression: str | None = None) -> None:
-        super().__init__(compression=compression)
+    def __init__(
+        self, compression: str | None = None, *, hang_timeout: float | None = None
+    ) -> None:
+        super().__init__(compression=compression, hang_timeout=hang_timeout)
         self._hvd = _import_horovod()
         self._hvd.init()
 

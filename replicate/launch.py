@@ -1,0 +1,172 @@
+"""`replicate launch`: the processes of one job on this machine, each with its `TF_CONFIG`.
+
+One machine: `replicate launch --nproc 2 -- python train.py` starts two
+processes on free localhost ports. Several machines: run the same command on
+each, naming all hosts in the same order and this host's place among them,
+`replicate launch --nproc 2 --hosts a,b --node-rank 0 --port 29400 -- python
+train.py` on `a` and `--node-rank 1` on `b` (ports 29400 and up must be free
+and reachable on every host).
+
+Each process gets `TF_CONFIG` (every process of the job, as workers, rank
+order), and `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`. Output
+lines are prefixed with the rank. When a process fails, the launcher stops
+the others and exits with the failed process's status, as `horovodrun` and
+`torchrun` do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+# Seconds the other processes get to exit after SIGTERM, before SIGKILL.
+GRACE = 10.0
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` TCP ports that are free on this machine now."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("localhost", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def environments(
+    nproc: int, *, hosts: Sequence[str] | None = None, node_rank: int = 0, port: int | None = None
+) -> list[dict[str, str]]:
+    """The environment variables of this host's `nproc` processes.
+
+    Raises:
+        ValueError: For a non-positive `nproc`, a `node_rank` outside the
+            hosts, or several hosts without a `port`.
+    """
+    if nproc < 1:
+        raise ValueError(f"`nproc` must be a positive integer. Received: nproc={nproc}")
+    hosts = list(hosts) if hosts else ["localhost"]
+    if not 0 <= node_rank < len(hosts):
+        raise ValueError(
+            f"`node_rank` must name one of the {len(hosts)} hosts {hosts} (0 to "
+            f"{len(hosts) - 1}). Received: node_rank={node_rank}"
+        )
+    if len(hosts) > 1 and port is None:
+        raise ValueError(
+            "Several hosts need a fixed `--port` (the first of `nproc` consecutive ports, "
+            "free on every host), so that every host computes the same cluster."
+        )
+    ports = list(range(port, port + nproc)) if port is not None else free_ports(nproc)
+    workers = [f"{host}:{p}" for host in hosts for p in ports]
+    out = []
+    for local in range(nproc):
+        rank = node_rank * nproc + local
+        config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": rank}}
+        out.append(
+            {
+                "TF_CONFIG": json.dumps(config),
+                "RANK": str(rank),
+                "WORLD_SIZE": str(len(workers)),
+                "LOCAL_RANK": str(local),
+                "LOCAL_WORLD_SIZE": str(nproc),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+    return out
+
+
+def _relay(stream, rank: int, out) -> None:
+    for line in iter(stream.readline, b""):
+        out.buffer.write(f"[{rank}] ".encode() + line)
+        out.flush()
+    stream.close()
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    for p in processes:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + GRACE
+    for p in processes:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run(
+    command: Sequence[str],
+    nproc: int,
+    *,
+    hosts: Sequence[str] | None = None,
+    node_rank: int = 0,
+    port: int | None = None,
+) -> int:
+    """Runs `command` as `nproc` processes of one job; returns the job's exit status.
+
+    Raises:
+        ValueError: For an empty `command` or bad cluster options.
+    """
+    if not command:
+        raise ValueError("No command to launch. Usage: replicate launch --nproc N -- COMMAND ...")
+    envs = environments(nproc, hosts=hosts, node_rank=node_rank, port=port)
+    processes, relays = [], []
+    for env in envs:
+        rank = int(env["RANK"])
+        p = subprocess.Popen(
+            list(command),
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        processes.append(p)
+        for stream, out in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
+            relay = threading.Thread(target=_relay, args=(stream, rank, out), daemon=True)
+            relay.start()
+            relays.append(relay)
+    ranks = [int(env["RANK"]) for env in envs]
+
+    def interrupted(signum, frame):
+        _stop(processes)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    status = 0
+    try:
+        while True:
+            codes = [p.poll() for p in processes]
+            failed = [(r, c) for r, c in zip(ranks, codes) if c not in (None, 0)]
+            if failed:
+                rank, code = failed[0]
+                shown = f"signal {-code}" if code < 0 else f"status {code}"
+                size = int(envs[0]["WORLD_SIZE"])
+                sys.stderr.write(
+                    f"replicate launch: process {rank} of {size} exited with {shown}; "
+                    "stopping the other processes.\n"
+                )
+                sys.stderr.flush()
+                _stop(processes)
+                status = 128 - code if code < 0 else code
+                break
+            if all(c == 0 for c in codes):
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        _stop(processes)
+        status = 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for relay in relays:
+            relay.join(timeout=5)
+    return status

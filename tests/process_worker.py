@@ -1,0 +1,409 @@
+"""What each process of a multi-process test runs (tests/test_processes.py).
+
+Usage: process_worker.py BACKEND SCENARIO OUTPUT_DIR [ARG]
+
+BACKEND is "horovod" (under horovodrun) or "collective" (under replicate launch).
+Every process has 2 simulated towers; the tests compare 2 processes x 2 towers
+with one process of 4 towers fed the same global batches.
+
+  train        equivalence, chief-only writes, uneven data, every input kind,
+               compression, and the multi-process column of the compatibility matrix
+  fault HOW    rank 1 is killed (die), frozen (stall) or sleeps in a callback (sleep)
+  resume MODE  BackupAndRestore: uninterrupted run, then a crash (MODE epoch|batch),
+               then the same command resumes (CRASH unset)
+  consistency  rank 1's weights are changed at batch 5; ConsistencyCheck(4) finds it
+  chief        evaluate on the chief only
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import model_zoo  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import replicate  # noqa: E402
+
+GLOBAL_BATCH = 14  # 7 per process, split 4/3 over its towers; 4 local towers: 4/4/3/3
+
+
+def global_data(samples=70, seed=3):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(samples, 6)).astype("float32")
+    return x, rng.integers(0, 3, samples).astype("int32")
+
+
+def rank_batches(a, rank, size, global_batch=GLOBAL_BATCH):
+    """Rank r takes the r-th part of every global batch, so that together the
+    ranks see exactly the global batches one process would."""
+    per = global_batch // size
+    starts = range(0, len(a), global_batch)
+    return np.concatenate([a[s + rank * per : s + (rank + 1) * per] for s in starts])
+
+
+def uneven_data(rank):
+    """Rank 0's 100 samples or rank 1's 90."""
+    rng = np.random.default_rng(rank)
+    n = 100 if rank == 0 else 90
+    return rng.normal(size=(n, 6)).astype("float32"), rng.integers(0, 3, n).astype("int32")
+
+
+class Batches(keras.utils.PyDataset):
+    def __init__(self, x, y, batch_size):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, i):
+        part = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return self.x[part], self.y[part]
+
+
+# -- the compatibility matrix, multi-process column -------------------------------
+# name -> (make, compile, inputs); compared by the test with 4 local towers.
+
+
+def _optimizer(name):
+    return {
+        "gradient_accumulation": lambda: keras.optimizers.SGD(0.1, gradient_accumulation_steps=2),
+        "clipnorm": lambda: keras.optimizers.SGD(0.5, clipnorm=0.05),
+        "global_clipnorm": lambda: keras.optimizers.SGD(0.5, global_clipnorm=0.05),
+        "use_ema": lambda: keras.optimizers.Adam(0.01, use_ema=True, ema_overwrite_frequency=3),
+        "loss_scale": lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)),
+        "mixed_float16": lambda: keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.1), initial_scale=2.0**40, dynamic_growth_steps=4
+        ),
+    }[name]()
+
+
+MATRIX = {
+    "sample_weight": {},
+    "class_weight": {},
+    "validation_data": {},
+    "steps_per_execution": {"steps_per_execution": 3},
+    "gradient_accumulation": {},
+    "clipnorm": {},
+    "global_clipnorm": {},
+    "use_ema": {},
+    "loss_scale": {},
+    "mixed_float16": {},
+    "mixed_bfloat16": {},
+    "compute_loss": {},
+    "train_step": {},
+    "synchronized_bn": {},
+    "multi_input": {},
+}
+
+
+def matrix_model(name):
+    """A fresh model for a matrix row, compiled; also used by the test process."""
+    if name in ("mixed_float16", "mixed_bfloat16"):
+        keras.mixed_precision.set_global_policy(name)
+    try:
+        if name == "train_step":
+            return model_zoo.compile_two(model_zoo.two_step())
+        make = {
+            "compute_loss": model_zoo.own_loss,
+            "synchronized_bn": model_zoo.synchronized_bn,
+            "multi_input": model_zoo.multi_input,
+        }.get(name, model_zoo.mlp)
+        model = make()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return model
+
+
+def compile_matrix(model, name):
+    optimizer = (
+        _optimizer(name)
+        if name
+        in (
+            "gradient_accumulation",
+            "clipnorm",
+            "global_clipnorm",
+            "use_ema",
+            "loss_scale",
+            "mixed_float16",
+        )
+        else None
+    )
+    if name == "train_step":
+        return model_zoo.compile_two(model)
+    if name == "mixed_bfloat16":
+        optimizer = keras.optimizers.Adam(0.01)
+    return model_zoo.compile_classifier(model, optimizer, **MATRIX[name])
+
+
+def matrix_fit_args(name, x, y, rank=0, size=1):
+    """fit's arguments for a row: this rank's part of every global batch."""
+    xr, yr = rank_batches(x, rank, size), rank_batches(y, rank, size)
+    kwargs = {"batch_size": GLOBAL_BATCH // size, "epochs": 2, "shuffle": False, "verbose": 0}
+    if name == "sample_weight":
+        kwargs["sample_weight"] = rank_batches(
+            np.linspace(0.2, 2.0, len(x)).astype("float32"), rank, size
+        )
+    if name == "class_weight":
+        kwargs["class_weight"] = {0: 1.0, 1: 3.0, 2: 0.5}
+    if name == "validation_data":
+        kwargs["validation_data"] = (
+            rank_batches(x[:28], rank, size),
+            rank_batches(y[:28], rank, size),
+        )
+    if name == "multi_input":
+        xr = model_zoo.split_inputs(xr)
+    return xr, yr, kwargs
+
+
+def run_matrix(out, backend):
+    rank, size = backend.rank, backend.size
+    x, y = global_data()
+    results = {}
+    for name in MATRIX:
+        model = matrix_model(name)
+        parallel = replicate.replicate(model, backend=backend)
+        compile_matrix(parallel, name)
+        xr, yr, kwargs = matrix_fit_args(name, x, y, rank, size)
+        history = parallel.fit(xr, yr, **kwargs).history
+        np.savez(out / f"matrix_{name}_rank{rank}.npz", *model.get_weights())
+        extra = {}
+        if name == "mixed_float16":
+            extra["scale"] = float(parallel.optimizer.dynamic_scale)
+        results[name] = {"history": history, **extra}
+    return results
+
+
+# -- scenarios ----------------------------------------------------------------------
+
+
+def train(out, backend):
+    rank, size = backend.rank, backend.size
+    # Different seeds per rank: the broadcast from rank 0 must make them agree.
+    model = model_zoo.mlp(seed=100 + rank)
+    parallel = replicate.replicate(model, backend=backend)
+    model_zoo.compile_classifier(parallel, keras.optimizers.SGD(0.1, momentum=0.5))
+    x, y = global_data(64)
+    xr, yr = rank_batches(x, rank, size, 16), rank_batches(y, rank, size, 16)
+    history = parallel.fit(
+        xr,
+        yr,
+        batch_size=16 // size,
+        epochs=3,
+        shuffle=False,
+        verbose=2,
+        callbacks=[
+            keras.callbacks.ModelCheckpoint(out / f"checkpoint_rank{rank}.keras"),
+            keras.callbacks.TensorBoard(out / f"tensorboard_rank{rank}"),
+            keras.callbacks.CSVLogger(out / f"log_rank{rank}.csv"),
+            replicate.callbacks.LearningRateWarmup(0.1, warmup_epochs=1),
+            replicate.callbacks.ConsistencyCheck(every_n_batches=1),
+        ],
+    )
+    parallel.save(out / f"saved_rank{rank}.keras")
+    np.savez(out / f"weights_rank{rank}.npz", *model.get_weights())
+    results = {
+        "size": size,
+        "is_chief": replicate.is_chief(),
+        "devices": parallel.devices,
+        "loss": history.history["loss"],
+        "learning_rate": history.history["learning_rate"],
+        "evaluate": parallel.evaluate(xr, yr, batch_size=8, verbose=0),
+    }
+
+    # Uneven data: rank 0 holds 100 samples, rank 1 holds 90.
+    xu, yu = uneven_data(rank)
+    uneven = model_zoo.mlp(seed=5)
+    p_uneven = replicate.replicate(uneven, backend=backend)
+    model_zoo.compile_classifier(p_uneven, keras.optimizers.SGD(0.05))
+    h = p_uneven.fit(xu, yu, batch_size=32, epochs=2, verbose=0, validation_split=0.2)
+    np.savez(out / f"uneven_rank{rank}.npz", *uneven.get_weights())
+    # Metrics cover both processes' samples: 100 + 90, not the mean of two means.
+    results["uneven_evaluate"] = p_uneven.evaluate(xu, yu, batch_size=32, verbose=0)
+    results["uneven_val_loss"] = h.history["val_loss"]
+
+    # Every kind of input, training and validation, with uneven step counts:
+    # each finishes (a hang fails the test by its time limit).
+    n = 60 if rank == 0 else 30
+    xs, ys = xu[:n], yu[:n]
+    dataset = tf.data.Dataset.from_tensor_slices((xs, ys)).batch(15)  # 4 vs 2 batches
+    kinds = {
+        "numpy x, tf.data validation": ((xs, ys), {"validation_data": dataset}),
+        "numpy x, PyDataset validation": ((xs, ys), {"validation_data": Batches(xs, ys, 15)}),
+        "tf.data x, tuple validation": ((dataset,), {"validation_data": (xs, ys)}),
+        "PyDataset x, PyDataset validation": (
+            (Batches(xs, ys, 15),),
+            {"validation_data": Batches(xs, ys, 10)},
+        ),
+    }
+    results["inputs"] = {}
+    for kind, (args, kwargs) in kinds.items():
+        m = replicate.replicate(model_zoo.mlp(seed=9), backend=backend)
+        model_zoo.compile_classifier(m)
+        hk = m.fit(
+            *args, batch_size=15 if len(args) == 2 else None, epochs=2, verbose=0, **kwargs
+        ).history
+        results["inputs"][kind] = {
+            "val_loss": hk["val_loss"],
+            "evaluate": m.evaluate(Batches(xs, ys, 15), verbose=0),
+        }
+    try:
+        m.fit((b for b in [(xs, ys)]), epochs=1, verbose=0)
+    except ValueError as error:
+        results["generator_error"] = str(error)
+
+    # fp16 compression against none, same start and data.
+    final = {}
+    for compression in ("none", "fp16"):
+        m = model_zoo.mlp(seed=11)
+        p = replicate.replicate(m, backend=backend.name, compression=compression)
+        model_zoo.compile_classifier(p, keras.optimizers.SGD(0.05))
+        final[compression] = p.fit(xr, yr, batch_size=8, epochs=20, verbose=0).history["loss"][-1]
+    results["final_loss"] = final
+    results["matrix"] = run_matrix(out, backend)
+    (out / f"results_rank{rank}.json").write_text(json.dumps(results))
+
+
+class FailAt(keras.callbacks.Callback):
+    def __init__(self, how, rank):
+        super().__init__()
+        self.how, self.rank = how, rank
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == 3 and self.rank == 1:
+            if self.how == "sleep":
+                time.sleep(3600)  # alive, not arriving
+            os.kill(os.getpid(), signal.SIGKILL if self.how == "die" else signal.SIGSTOP)
+
+
+def fault(out, backend, how):
+    model = model_zoo.mlp(seed=1)
+    parallel = replicate.replicate(model, backend=backend)
+    model_zoo.compile_classifier(parallel)
+    x, y = global_data(4000)
+    parallel.fit(x, y, batch_size=16, epochs=50, verbose=0, callbacks=[FailAt(how, backend.rank)])
+
+
+class CrashAt(keras.callbacks.Callback):
+    """Rank 1 dies hard (no cleanup) at the given point of the first run."""
+
+    def __init__(self, mode, rank):
+        super().__init__()
+        self.mode, self.rank, self.epoch = mode, rank, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.mode == "epoch" and epoch == 1 and self.rank == 1:
+            os._exit(1)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.mode == "batch" and self.epoch == 2 and batch == 4 and self.rank == 1:
+            os._exit(1)
+
+
+def resume(out, backend, mode):
+    rank, size = backend.rank, backend.size
+    x, y = global_data()
+    xr, yr = rank_batches(x, rank, size), rank_batches(y, rank, size)
+
+    def job(backup, seed, callbacks=()):
+        model = model_zoo.mlp(seed=seed + rank)
+        parallel = replicate.replicate(model, backend=backend)
+        model_zoo.compile_classifier(parallel, keras.optimizers.Adam(0.01))
+        save_freq = "epoch" if mode == "epoch" else 3
+        parallel.fit(
+            xr,
+            yr,
+            batch_size=GLOBAL_BATCH // size,
+            epochs=4,
+            shuffle=False,
+            verbose=0,
+            callbacks=[keras.callbacks.BackupAndRestore(backup, save_freq=save_freq), *callbacks],
+        )
+        return model
+
+    if os.environ.get("CRASH"):
+        full = job(out / f"uninterrupted-{mode}", seed=200)
+        np.savez(out / f"uninterrupted_{mode}_rank{rank}.npz", *full.get_weights())
+        job(out / f"backup-{mode}", seed=200, callbacks=[CrashAt(mode, rank)])
+        return
+    # A new process starts from other weights; the backup's replace them.
+    resumed = job(out / f"backup-{mode}", seed=300)
+    np.savez(out / f"resumed_{mode}_rank{rank}.npz", *resumed.get_weights())
+    (out / f"resumed_{mode}_rank{rank}.json").write_text(
+        json.dumps({"backup_left": (out / f"backup-{mode}").exists()})
+    )
+
+
+class ChangeWeightsAt(keras.callbacks.Callback):
+    def __init__(self, rank):
+        super().__init__()
+        self.rank = rank
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == 5 and self.rank == 1:
+            kernel = self.model.template.layers[0].kernel
+            kernel.assign(kernel + 1e-3)
+
+
+def consistency(out, backend):
+    model = model_zoo.mlp(seed=1)
+    parallel = replicate.replicate(model, backend=backend)
+    model_zoo.compile_classifier(parallel)
+    x, y = global_data(400)
+    parallel.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=1,
+        verbose=0,
+        callbacks=[ChangeWeightsAt(backend.rank), replicate.callbacks.ConsistencyCheck(4)],
+    )
+
+
+def chief_only(out, backend):
+    """The chief evaluates alone: the documented way works; parallel.evaluate
+    after the other process has left ends with replicate's message."""
+    model = model_zoo.mlp(seed=1)
+    parallel = replicate.replicate(model, backend=backend)
+    model_zoo.compile_classifier(parallel)
+    x, y = global_data(64)
+    parallel.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    if backend.rank != 0:
+        return
+    local = parallel.template.evaluate(x, y, verbose=0)
+    (out / "chief_local.json").write_text(json.dumps(local))
+    time.sleep(2)  # the other process has exited
+    parallel.evaluate(x, y, verbose=0)
+
+
+def main():
+    name, scenario, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    replicate.simulate_devices(2)
+    backend = replicate.get_backend(name)  # the collective runtime: before TensorFlow starts
+    keras.utils.set_random_seed(backend.rank)
+    if scenario == "train":
+        train(out, backend)
+    elif scenario == "fault":
+        fault(out, backend, sys.argv[4])
+    elif scenario == "resume":
+        resume(out, backend, sys.argv[4])
+    elif scenario == "consistency":
+        consistency(out, backend)
+    elif scenario == "chief":
+        chief_only(out, backend)
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+
+
+if __name__ == "__main__":
+    main()
