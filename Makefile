@@ -3,11 +3,12 @@
 
 PYTHON ?= python3
 VENV ?= .venv
+GPU_VENV ?= .venv-gpu
 BIN := $(VENV)/bin
 DEPS := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint horovod install bench clean
+.PHONY: demo test lint horovod horovod-gpu install bench clean
 
 $(DEPS): setup.cfg setup.py pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,12 @@ install: $(DEPS)
 # Horovod 0.28.1 built against the installed TensorFlow, cached as a wheel.
 horovod: $(DEPS)
 	scripts/build-horovod.sh $(VENV)
+
+# Horovod 0.28.1 with NCCL for GPU tensors, built without a GPU (about 3-5 minutes
+# the first time), into $(GPU_VENV), which shares $(VENV)'s TensorFlow, so that
+# $(VENV) keeps the CPU build the tests use. Not part of `make test`.
+horovod-gpu: $(DEPS)
+	scripts/build-horovod.sh --gpu --tensorflow-from $(VENV) $(GPU_VENV)
 
 demo: install
 	$(BIN)/replicate demo
@@ -40,4 +47,4 @@ bench: install
 	$(BIN)/replicate-bench optimizers --quick --output docs/benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(GPU_VENV) build *.egg-info

@@ -1,27 +1,24 @@
 # replicate, GPU image: CUDA 12.5 with cuDNN 9 on Ubuntu 22.04, Python 3.11,
 # tensorflow[and-cuda]==2.21.0 (the TensorFlow 2.21.0 wheel is built against
-# CUDA 12.5 and cuDNN 9), the replicate package, and an attempt at Horovod 0.28.1
-# built from source with NCCL for GPU collectives and Gloo for the rest.
+# CUDA 12.5 and cuDNN 9), the replicate package, and Horovod 0.28.1 built from
+# source by `scripts/build-horovod.sh --gpu`: NCCL for GPU collectives, Gloo for
+# the rest, no MPI. The script compiles with the image's nvcc 12.5, links the
+# NCCL of the nvidia-nccl-cu12 package that TensorFlow uses, and makes the two
+# edits to Horovod's source that TensorFlow 2.21 needs (see the script).
 #
-# Build, from the repository root:
+# Build, from the repository root (the Horovod compile takes several minutes):
 #
 #   docker build -f docker/gpu.Dockerfile -t replicate:gpu .
 #
-# READ THIS FIRST: the GPU build of Horovod 0.28.1 against TensorFlow 2.21 has
-# not been tried. Only the CPU build (docker/cpu.Dockerfile) is known to work,
-# with the forwarding headers of scripts/build-horovod.sh. With a GPU, Horovod
-# also compiles its XLA custom-call and CUDA stream code against XLA and
-# StreamExecutor APIs that have moved or changed since 2023, and forwarding
-# headers are not expected to be enough: for one, Horovod's GPU op code calls
-# stream_executor::gpu::AsGpuStreamValue, which the TensorFlow 2.21.0 wheel no
-# longer exports, so even a build that compiles is expected to fail on import.
-# If the Horovod step fails, either
-#   - build without it, for one machine with several GPUs (the `local`
-#     backend needs no Horovod):
-#       docker build -f docker/gpu.Dockerfile --build-arg WITH_HOROVOD=0 -t replicate:gpu .
-#   - or, as GPU clusters usually do, take Horovod from a prebuilt container
-#     image that ships a TensorFlow and Horovod pair built together, and
-#     install replicate into it with `pip install --no-build-isolation .`.
+# To build faster, compile Horovod's kernels only for the cluster's GPUs (e.g.
+# --build-arg HOROVOD_BUILD_CUDA_CC_LIST=90 for H100s); for one machine with
+# several GPUs, where the `local` backend needs no Horovod, skip it altogether
+# with --build-arg WITH_HOROVOD=0.
+#
+# First checks on a GPU machine (nvidia-smi, devices, a 2-GPU NCCL allreduce
+# under horovodrun, the demo, benchmarks), stopping at the first failure:
+#
+#   docker run --rm --gpus all --ipc host replicate:gpu scripts/gpu-check.sh /tmp/gpu-check
 #
 # Try it on one machine (needs the NVIDIA container runtime on the host):
 #
@@ -59,7 +56,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Python 3.11 from Ubuntu 22.04's own archive (its default python3 is 3.10).
 # The Horovod build needs a C++ toolchain and cmake, and TensorFlow 2.21's XLA
 # headers include highwayhash and farmhash headers (see scripts/build-horovod.sh);
-# nvcc and NCCL's headers and libraries come with the devel base image.
+# nvcc comes with the devel base image, NCCL with tensorflow[and-cuda].
 # horovodrun starts the remote processes over ssh, so both the client and a
 # server are installed; the server's host keys are made when a container starts.
 # Versions are not pinned: the packages follow the Ubuntu 22.04 updates.
@@ -97,7 +94,7 @@ RUN python3.11 -m venv /opt/venv \
 # libraries TensorFlow loads at run time as pip packages.
 RUN pip install --no-cache-dir "tensorflow[and-cuda]==2.21.0"
 
-# WITH_HOROVOD=0 skips the Horovod build (see the note at the top).
+# WITH_HOROVOD=0 skips the Horovod build (the `local` backend does not need it).
 # HOROVOD_BUILD_CUDA_CC_LIST: compute capabilities Horovod's CUDA kernels are
 # compiled for (Volta through Hopper); narrow it to the cluster's GPUs to build
 # faster, or widen it for other cards. Build arguments are in the environment of
@@ -107,20 +104,12 @@ ARG HOROVOD_BUILD_CUDA_CC_LIST=70,75,80,86,89,90
 
 WORKDIR /app
 COPY scripts/build-horovod.sh scripts/build-horovod.sh
-# scripts/build-horovod.sh sets the TensorFlow, Gloo and no-MPI options, adds the
-# forwarding headers, and builds and installs the wheel; the variables given
-# here add NCCL for the GPU operations on top of that.
+# The script uses the CUDA 12 toolkit in /usr/local/cuda, builds the wheel into
+# a cache folder (removed afterwards), installs it into /opt/venv and checks
+# that it imports with nccl_built(), cuda_built() and gloo_built().
 RUN if [ "$WITH_HOROVOD" = 1 ]; then \
-        HOROVOD_GPU=CUDA \
-        HOROVOD_CUDA_HOME=/usr/local/cuda \
-        HOROVOD_GPU_OPERATIONS=NCCL \
-        HOROVOD_WITH_TENSORFLOW=1 \
-        HOROVOD_WITH_GLOO=1 \
-        HOROVOD_WITHOUT_PYTORCH=1 \
-        HOROVOD_WITHOUT_MXNET=1 \
         HOROVOD_WHEEL_CACHE=/tmp/horovod-wheels \
-            bash scripts/build-horovod.sh /opt/venv \
-        && python -c 'import horovod.tensorflow as hvd; assert hvd.nccl_built(), "built without NCCL"' \
+            bash scripts/build-horovod.sh --gpu /opt/venv \
         && rm -rf /tmp/horovod-wheels; \
     fi
 

@@ -443,7 +443,9 @@ class ReplicaBuilder:
             with tf.device(self.variable_device):
                 grads = [reduce.add(list(column)) for column in zip(*tower_grads)]
         with tf.device(self.variable_device):
-            self._write_state([t.updates for t in towers], state, slices, share)
+            self._write_state(
+                model.non_trainable_variables, [t.updates for t in towers], state, slices
+            )
         return Step(loss, grads, merged, [t.outputs for t in towers], slices)
 
     def _combine_model_losses(self, towers: list[_Tower], weights: tf.Tensor) -> tf.Tensor | None:
@@ -461,14 +463,15 @@ class ReplicaBuilder:
 
     def _write_state(
         self,
+        variables: list[Any],
         per_tower: list[list[Any]],
-        state: list[tf.Tensor],
+        old: list[tf.Tensor],
         slices: reduce.Slices,
-        share: tf.Tensor | None,
+        *,
+        processes: bool = True,
     ) -> None:
-        """Combines the towers' state updates by aggregation; across processes too."""
-        variables = self.model.non_trainable_variables
-        weights = slices.weights
+        """Writes `variables` once, combining the towers' new values (`None`:
+        unchanged) by each variable's aggregation; over processes too."""
         combined: list[tuple[Any, tf.Tensor, tf.Tensor]] = []
         for j, variable in enumerate(variables):
             news = [updates[j] for updates in per_tower]
@@ -477,26 +480,26 @@ class ReplicaBuilder:
             if _is_seed_state(variable):
                 # Tower 0 continues the stream; its shift comes back off.
                 shift = self.global_tower(0) * _SEED_STRIDE
-                value = news[0] if news[0] is not None else state[j]
+                value = news[0] if news[0] is not None else old[j]
                 if shift:
                     value = value - tf.constant([shift, 0], value.dtype)
                 variable.assign(value)
                 continue
-            news = [state[j] if new is None else new for new in news]
+            news = [old[j] if new is None else new for new in news]
             value = reduce.combine_state(
-                variable.aggregation, state[j], news, weights, slices.present
+                variable.aggregation, old[j], news, slices.weights, slices.present
             )
-            combined.append((variable, state[j], value))
-        if combined and self.backend is not None and self.backend.size > 1:
-            combined = self._over_processes(combined, share)
+            combined.append((variable, old[j], value))
+        if processes and combined and self.backend is not None and self.backend.size > 1:
+            combined = self._over_processes(combined, tf.reduce_sum(slices.sizes))
         for variable, _, value in combined:
             variable.assign(value)
 
-    def _over_processes(self, combined: list, share: tf.Tensor | None) -> list:
-        """Each process's combined state, combined again over processes."""
-        if share is None:
-            share = tf.constant(1.0 / self.backend.size)
+    def _over_processes(self, combined: list, count: tf.Tensor) -> list:
+        """Each process's combined state, combined again over processes: changes
+        of "sum" state add up; mean state is weighted by each process's samples."""
         sent, where = [], []
+        c = tf.cast(count, tf.float32)
         for k, (variable, old, value) in enumerate(combined):
             dtype = tf.as_dtype(value.dtype)
             if variable.aggregation == "sum":
@@ -504,17 +507,21 @@ class ReplicaBuilder:
             elif variable.aggregation == "mean" or (
                 variable.aggregation == "none" and dtype.is_floating
             ):
-                sent.append(tf.math.multiply_no_nan(value, tf.cast(share, dtype)))
+                sent.append(tf.math.multiply_no_nan(value, tf.cast(c, dtype)))
             else:
                 continue
             where.append(k)
         if not sent:
             return combined
-        received = self.backend.all_sum(sent)
+        *received, total = self.backend.all_sum([*sent, c])
         out = list(combined)
-        for k, total in zip(where, received):
+        for k, summed in zip(where, received):
             variable, old, value = combined[k]
-            out[k] = (variable, old, old + total if variable.aggregation == "sum" else total)
+            if variable.aggregation == "sum":
+                new = old + summed
+            else:  # an entirely empty step leaves the state as it was
+                new = tf.where(total > 0, summed / tf.cast(total, summed.dtype), old)
+            out[k] = (variable, old, new)
         return out
 
 

@@ -175,6 +175,7 @@ class ConsistencyCheck(keras.callbacks.Callback):
         self._batches = 0
         self._epoch = 0
         self._checksum = None
+        self._traced_for: list[int] = []
 
     def _variables(self) -> list[Any]:
         from replicate.steps import optimizers
@@ -190,6 +191,9 @@ class ConsistencyCheck(keras.callbacks.Callback):
         import tensorflow as tf
 
         variables = self._variables()
+        if self._checksum is not None and self._traced_for == [id(v) for v in variables]:
+            return  # the same model: keep the traced checksum
+        self._traced_for = [id(v) for v in variables]
 
         @tf.function
         def checksum():

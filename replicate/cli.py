@@ -124,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}")
         print("GPUs (NVML):")
         print(telemetry.format_table(telemetry.gpu_stats()))
+        from replicate.backends.horovod import build_info
+
+        info = build_info()
+        if info["installed"]:
+            built = ", ".join(k.upper() for k in ("gloo", "mpi", "nccl", "cuda") if info[k])
+            print(f"Horovod {info['version']}: built with {built or 'no collectives'}")
+        else:
+            print(f"Horovod: not installed ({info['reason']})")
         return 0
     if args.command == "launch":
         from replicate import launch

@@ -167,7 +167,11 @@ class ReplicatedModel(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         optimizer = template.optimizer
         count = reduce.batch_size(x)
-        share = self._share(count)
+        # Synchronized layers make each process's loss depend on the others'
+        # samples: scale it by the process's share before backpropagating, so
+        # that summing over processes is exact. Otherwise the share is folded
+        # into the step's one collective (`Backend.exchange`).
+        share = self._share(count) if self._builder.synchronized else None
 
         def loss_of(y_pred, model_loss):
             return self._batch_loss(x, y, y_pred, sample_weight, model_loss, training=True)
@@ -177,11 +181,13 @@ class ReplicatedModel(keras.Model):
         )
         with tf.device(self.variable_device):
             template._loss_tracker.update_state(step.loss, sample_weight=count)
-            if template.trainable_weights:
-                grads = self._backend.sum_gradients(step.grads)
-                optimizer.apply_gradients(zip(grads, template.trainable_weights))
+            # Metrics use this step's predictions: update them before the
+            # exchange, so that one collective carries gradients and metrics.
             logs = template.compute_metrics(x, y, step.outputs, sample_weight=sample_weight)
-            return self._over_processes(logs, share)
+            grads, logs = self._exchange(count, step.grads, logs, shares=share is not None)
+            if template.trainable_weights:
+                optimizer.apply_gradients(zip(grads, template.trainable_weights))
+            return logs
 
     def test_step(self, data: Any) -> Any:
         if steps.overridden(self.template, "test_step"):
@@ -194,7 +200,7 @@ class ReplicatedModel(keras.Model):
             count = reduce.batch_size(x)
             template._loss_tracker.update_state(loss, sample_weight=count)
             logs = template.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-            return self._over_processes(logs, self._share(count))
+            return self._exchange(count, (), logs)[1]
 
     def predict_step(self, data: Any) -> Any:
         if steps.overridden(self.template, "predict_step"):
@@ -268,25 +274,45 @@ class ReplicatedModel(keras.Model):
             }
         return results
 
-    def _over_processes(self, logs: Any, share: tf.Tensor | None) -> Any:
-        """A step's logs covering every process: metric results from the combined
-        state; other floating-point scalars averaged by each process's share."""
-        if self._backend.size == 1 or not isinstance(logs, dict):
-            return logs
-        combined = self.get_metrics_result()
-        out = dict(logs)
+    def _exchange(
+        self, count: tf.Tensor, grads: Any, logs: Any, *, shares: bool = False
+    ) -> tuple[list[Any], Any]:
+        """The step's one collective: gradients, and logs that cover every process.
+
+        In the logs, a metric's result comes from the metrics' combined state;
+        another floating-point scalar is averaged over every process's samples.
+        """
+        if self._backend.size == 1:
+            return list(grads), logs
+        metrics = self.metrics
+        variables = [v for m in metrics for v in m.variables]
+        keyed = logs if isinstance(logs, dict) else {}
+        names = set(self.template.get_metrics_result()) if metrics else set()
         rest = [
             k
-            for k, v in logs.items()
-            if k not in combined and tf.is_tensor(v) and v.shape.rank == 0 and v.dtype.is_floating
+            for k, v in keyed.items()
+            if k not in names and tf.is_tensor(v) and v.shape.rank == 0 and v.dtype.is_floating
         ]
-        for k in logs:
-            if k in combined:
-                out[k] = combined[k]
-        if rest:
-            summed = self._backend.all_sum([logs[k] * tf.cast(share, logs[k].dtype) for k in rest])
-            out.update(zip(rest, summed))
-        return out
+        grads, state, means = self._backend.exchange(
+            count,
+            grads,
+            [v.value for v in variables],
+            [v.aggregation for v in variables],
+            [keyed[k] for k in rest],
+            shares=shares,
+        )
+        if not keyed:
+            return grads, logs
+        out = dict(keyed)
+        start = 0
+        for metric in metrics:
+            n = len(metric.variables)
+            result = metric.stateless_result(state[start : start + n])
+            start += n
+            items = result.items() if isinstance(result, dict) else [(metric.name, result)]
+            out.update((k, v) for k, v in items if k in keyed)
+        out.update(zip(rest, means))
+        return grads, out
 
     # -- several processes: one progress bar, one writer, agreed step counts ---
 

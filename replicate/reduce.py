@@ -32,30 +32,6 @@ def split_sizes(size: tf.Tensor | int, n: int) -> tf.Tensor:
     return base + extra
 
 
-def split(structure: Any, n: int) -> tuple[list[Any], tf.Tensor]:
-    """Cuts every tensor of `structure` along axis 0 into `n` slices.
-
-    Returns:
-        `(slices, sizes)`: one structure per tower (same nesting as the
-        input, `None` leaves kept) and the int32 slice sizes. Slices may be
-        empty; `tower_slices` gives every tower at least one row.
-    """
-    sizes = split_sizes(batch_size(structure), n)
-    return split_as(structure, sizes, n), sizes
-
-
-def split_as(structure: Any, sizes: tf.Tensor, n: int) -> list[Any]:
-    """Cuts `structure` into `n` slices of the given `sizes` (`None` gives `n` Nones)."""
-    if structure is None:
-        return [None] * n
-    flat = tf.nest.flatten(structure)
-    pieces = [None if t is None else tf.split(t, sizes, num=n, axis=0) for t in flat]
-    return [
-        tf.nest.pack_sequence_as(structure, [None if p is None else p[i] for p in pieces])
-        for i in range(n)
-    ]
-
-
 class Slices(NamedTuple):
     """A global batch cut into one non-empty slice per tower."""
 

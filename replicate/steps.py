@@ -169,7 +169,7 @@ class _Routing:
 class TowerRun:
     """One call of a model's own step over the towers of a `ReplicatedModel`."""
 
-    def __init__(self, parallel: Any, data: Any) -> None:
+    def __init__(self, parallel: Any, data: Any, *, collective: bool = True) -> None:
         self.parallel = parallel
         self.model = parallel.template
         self.builder = parallel.builder
@@ -178,7 +178,8 @@ class TowerRun:
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         with tf.device(self.builder.variable_device):
             self.count = reduce.batch_size(x)
-            self.share = parallel._share(self.count)
+            # Prediction talks to no other process; training and evaluation do.
+            self.share = parallel._share(self.count) if collective else None
             weights = self.slices.weights
             self.omega = weights if self.share is None else weights * self.share
         self.group: TowerGroup = self.builder.group(
@@ -188,9 +189,9 @@ class TowerRun:
     # -- the meeting at optimizer.apply --------------------------------------
 
     def apply(self, optimizer: Any, per_tower: list[list[Any]], variables: list[Any]) -> list:
-        grads = reduce.weighted_sum(per_tower, self.slices.weights)
-        if self.backend.size > 1:
-            grads = self.backend.reduce_gradients(grads, self.count)
+        # Each tower's gradient weighted by its share of the global batch,
+        # summed over towers and processes: the global batch's mean gradient.
+        grads = self.backend.sum_gradients(reduce.weighted_sum(per_tower, self.omega))
         apply_gradients(optimizer, grads, variables, device=self.builder.variable_device)
         return [None] * len(per_tower)
 
@@ -224,27 +225,22 @@ class TowerRun:
             return self._logs(outputs, routing.results)
 
     def _write_state(self, state_variables, state, scopes) -> None:
-        """Combines what the towers changed: model state, then metric state."""
+        """Combines what the towers changed: model state (over processes too), then
+        metric state (per process; combined when results are read)."""
         per_tower = [
             [self._changed(scope, v, initial.get(id(v))) for v in state_variables]
             for scope, initial in scopes
         ]
-        self.builder._write_state(per_tower, state, self.slices, self.share)
+        self.builder._write_state(state_variables, per_tower, state, self.slices)
         metric_variables = [v for m in self.model.metrics for v in m.variables]
         known = {id(v) for v in metric_variables} | {id(v) for v in state_variables}
         for scope, _ in scopes:
             self._check_known(scope, known)
-        for variable in metric_variables:
-            old = tf.convert_to_tensor(variable.value)
-            news = [self._changed(scope, variable, None) for scope, _ in scopes]
-            if all(n is None for n in news):
-                continue
-            news = [old if n is None else n for n in news]
-            variable.assign(
-                reduce.combine_state(
-                    variable.aggregation, old, news, self.slices.weights, self.slices.present
-                )
-            )
+        per_tower = [
+            [self._changed(scope, v, None) for v in metric_variables] for scope, _ in scopes
+        ]
+        old = [tf.convert_to_tensor(v.value) for v in metric_variables]
+        self.builder._write_state(metric_variables, per_tower, old, self.slices, processes=False)
 
     @staticmethod
     def _changed(scope: keras.StatelessScope, variable: Any, initial: Any) -> Any:
@@ -298,4 +294,4 @@ class TowerRun:
 
 def run(parallel: Any, step: str, data: Any) -> Any:
     """Runs the template's own `step` ("train_step", ...) on the towers of `parallel`."""
-    return TowerRun(parallel, data)(step)
+    return TowerRun(parallel, data, collective=step != "predict_step")(step)

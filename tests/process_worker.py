@@ -8,7 +8,8 @@ with one process of 4 towers fed the same global batches.
 
   train        equivalence, chief-only writes, uneven data, every input kind,
                compression, and the multi-process column of the compatibility matrix
-  fault HOW    rank 1 is killed (die), frozen (stall) or sleeps in a callback (sleep)
+  fault HOW    rank 1 is killed (die), frozen (stall), sleeps in a callback (sleep) or
+               in its data loader (loader)
   resume MODE  BackupAndRestore: uninterrupted run, then a crash (MODE epoch|batch),
                then the same command resumes (CRASH unset)
   consistency  rank 1's weights are changed at batch 5; ConsistencyCheck(4) finds it
@@ -101,6 +102,7 @@ MATRIX = {
     "train_step": {},
     "synchronized_bn": {},
     "multi_input": {},
+    "callbacks": {},
 }
 
 
@@ -160,6 +162,16 @@ def matrix_fit_args(name, x, y, rank=0, size=1):
         )
     if name == "multi_input":
         xr = model_zoo.split_inputs(xr)
+    if name == "callbacks":
+        kwargs["epochs"] = 8
+        kwargs["validation_data"] = (
+            rank_batches(x[:28], rank, size),
+            rank_batches(y[:28], rank, size),
+        )
+        kwargs["callbacks"] = [
+            keras.callbacks.EarlyStopping("val_loss", patience=2, min_delta=0.5),
+            keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=0, min_delta=1.0),
+        ]
     return xr, yr, kwargs
 
 
@@ -207,6 +219,7 @@ def train(out, backend):
             replicate.callbacks.ConsistencyCheck(every_n_batches=1),
         ],
     )
+    threads_after_first_fit = len(os.listdir("/proc/self/task"))
     parallel.save(out / f"saved_rank{rank}.keras")
     np.savez(out / f"weights_rank{rank}.npz", *model.get_weights())
     results = {
@@ -268,6 +281,8 @@ def train(out, backend):
         final[compression] = p.fit(xr, yr, batch_size=8, epochs=20, verbose=0).history["loss"][-1]
     results["final_loss"] = final
     results["matrix"] = run_matrix(out, backend)
+    # Hundreds of steps later: no thread per collective left behind.
+    results["threads"] = [threads_after_first_fit, len(os.listdir("/proc/self/task"))]
     (out / f"results_rank{rank}.json").write_text(json.dumps(results))
 
 

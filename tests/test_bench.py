@@ -93,12 +93,13 @@ def test_scaling_outputs_with_every_peer(tmp_path):
         ("mirrored", 1),
         ("mirrored", 2),
         ("horovod", 2),
+        ("collective", 2),
     }
     for r in payload["records"]:
         assert r["examples_per_second"] == pytest.approx(
             16 / (r["ms_per_step_median"] / 1000), rel=1e-2
         )
-        if r["method"] != "horovod" and r["devices"] == 1:
+        if r["method"] not in ("horovod", "collective") and r["devices"] == 1:
             assert r["scaling_efficiency"] == 1.0
     assert "towers are simulated CPU devices" in (tmp_path / "scaling.md").read_text()
     assert (tmp_path / "scaling.png").read_bytes().startswith(PNG)

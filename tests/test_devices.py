@@ -63,3 +63,44 @@ def test_devices_must_be_a_list():
 def test_garbage_device_name():
     with pytest.raises(ValueError, match=r"devices='tpu please'"):
         validate_devices(["tpu please"])
+
+
+GPUS = [f"/gpu:{i}" for i in range(8)]
+
+
+@pytest.mark.parametrize(
+    "local_rank, local_size, expected",
+    [
+        (0, 1, GPUS),
+        (1, 4, ["/gpu:2", "/gpu:3"]),
+        (3, 4, ["/gpu:6", "/gpu:7"]),
+        (0, 3, ["/gpu:0", "/gpu:1", "/gpu:2"]),  # 8 = 3 + 3 + 2: the remainder goes first
+        (2, 3, ["/gpu:6", "/gpu:7"]),
+        (7, 8, ["/gpu:7"]),
+    ],
+)
+def test_process_devices_share_a_hosts_gpus_by_local_rank(local_rank, local_size, expected):
+    assert replicate.process_devices(local_rank, local_size, GPUS) == expected
+
+
+def test_every_gpu_goes_to_exactly_one_process():
+    shares = [replicate.process_devices(r, 3, GPUS[:7]) for r in range(3)]
+    assert sum(shares, []) == GPUS[:7]
+
+
+def test_too_few_gpus_for_the_processes():
+    with pytest.raises(ValueError, match=r"runs 4 processes of the job but has only 2 GPU"):
+        replicate.process_devices(0, 4, GPUS[:2])
+
+
+def test_cpu_devices_are_not_shared():
+    cpus = ["/cpu:0", "/cpu:1"]
+    assert replicate.process_devices(1, 2, cpus) == cpus
+
+
+def test_process_devices_reads_the_launchers_environment(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert replicate.process_devices(devices=GPUS[:4]) == ["/gpu:2", "/gpu:3"]
+    with pytest.raises(ValueError, match=r"local_rank=2, local_size=2"):
+        replicate.process_devices(2, 2, GPUS[:4])

@@ -133,6 +133,33 @@ def test_train_digits_across_processes_with_horovodrun(tmp_path):
     assert (tmp_path / "digits_convnet.keras").is_file()
 
 
+def test_train_digits_across_processes_with_replicate_launch(tmp_path):
+    result = subprocess.run(
+        [
+            Path(sys.executable).with_name("replicate"),
+            "launch",
+            "--nproc",
+            "2",
+            "--",
+            sys.executable,
+            EXAMPLES / "train_digits.py",
+            "--backend",
+            "collective",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    chief = "\n".join(line[4:] for line in result.stdout.splitlines() if line.startswith("[0] "))
+    assert value(chief, "processes:") == "2, towers per process: 2"
+    assert float(value(chief, "test accuracy:")) >= 0.95
+    assert "[1] test accuracy" not in result.stdout
+    assert (tmp_path / "digits_convnet.keras").is_file()
+
+
 def test_export_for_serving(tmp_path):
     out = run_example("export_for_serving.py", tmp_path)
     assert value(out, "exported version:").endswith(os.path.join("serving", "digits", "1"))

@@ -159,6 +159,15 @@ def test_evaluate_covers_every_process(trained, devices):
     np.testing.assert_allclose(ranks[0]["uneven_evaluate"], expected, rtol=1e-5)
 
 
+def test_no_threads_pile_up_over_hundreds_of_steps(trained):
+    # TensorFlow starts a timer thread per timed collective; replicate's steps
+    # must not leave one behind per step.
+    _, _, ranks, _ = trained
+    for rank in ranks:
+        first, last = rank["threads"]
+        assert last - first < 40, rank["threads"]
+
+
 def test_fp16_compression_reaches_the_same_loss(trained):
     _, _, ranks, _ = trained
     final = ranks[0]["final_loss"]
@@ -188,6 +197,8 @@ def test_matrix_row_equals_four_local_towers(name, trained, devices):
         )
     if name == "mixed_float16":
         assert got["scale"] == float(parallel.optimizer.dynamic_scale) < 2.0**40
+    if name == "callbacks":  # every process stopped at the same, reduced, epoch
+        assert len(history["loss"]) < 8 and min(history["learning_rate"]) < 0.1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -194,3 +194,28 @@ def test_towers_that_take_different_paths_are_an_error(devices):
         RuntimeError, match=r"diverged \(tower 0: sgd\w*.apply, tower 1: finished\)"
     ):
         parallel.fit(np.ones((4, 3), "float32"), batch_size=4, verbose=0)
+
+
+def test_a_step_that_assigns_other_variables_is_an_error(devices):
+    steps_seen = keras.Variable(0.0, name="steps_seen")  # not the model's: cannot be combined
+
+    class Counts(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.dense(x)
+
+        def train_step(self, data):
+            steps_seen.assign_add(1.0)
+            return {}
+
+    model = Counts()
+    model(np.ones((1, 3), "float32"))
+    parallel = replicate.replicate(model, devices[:2])
+    parallel.compile(optimizer="sgd")
+    with pytest.raises(
+        RuntimeError, match=r"assigned variables that replicate cannot combine.*does not track"
+    ):
+        parallel.fit(np.ones((4, 3), "float32"), batch_size=4, verbose=0)

@@ -52,3 +52,7 @@ def test_devices_command_prints_tensorflow_devices_and_nvml_answer():
     assert "/cpu:0" in out or "/gpu:0" in out
     assert "GPUs (NVML):" in out
     assert telemetry.format_table(telemetry.gpu_stats()).splitlines()[0] in out
+    # How the installed Horovod was built (make horovod: Gloo, no GPU).
+    import horovod.tensorflow as hvd
+
+    assert hvd.gloo_built() and "Horovod 0.28.1: built with GLOO" in out

@@ -103,7 +103,8 @@ class Backend:
     # -- the engine's calls (multi-process backends implement them) -------------
 
     def _all_sum(self, tensors: list[tf.Tensor]) -> list[tf.Tensor]:
-        """The element-wise sum of each tensor over processes (one grouped call)."""
+        """The element-wise sum of each tensor over processes: one grouped call
+        for tensors of one dtype."""
         raise NotImplementedError
 
     def _all_max(self, value: tf.Tensor) -> tf.Tensor:
@@ -115,7 +116,7 @@ class Backend:
         values = [tf.convert_to_tensor(v) for v in variables]
         mine = tf.constant(float(self.rank == root_rank))
         sent = [v * tf.cast(mine, v.dtype) for v in values]
-        for variable, value in zip(variables, self._all_sum(sent)):
+        for variable, value in zip(variables, self.all_sum(sent)):
             variable.assign(value)
 
     def _is_lost_peer(self, error: BaseException) -> bool:
@@ -132,17 +133,32 @@ class Backend:
 
     # -- shared ----------------------------------------------------------------
 
-    def all_sum(self, tensors: Sequence[tf.Tensor], *, compress: bool = False) -> list[tf.Tensor]:
-        """Sums each tensor over processes (grouped); float16 on the wire if `compress`."""
+    def all_sum(
+        self, tensors: Sequence[tf.Tensor], *, compress: bool | Sequence[bool] = False
+    ) -> list[tf.Tensor]:
+        """Sums each tensor over processes (one grouped call).
+
+        Args:
+            tensors: What to sum.
+            compress: Send float32 tensors as float16 (all, or per tensor).
+        """
         tensors = [tf.convert_to_tensor(t) for t in tensors]
         if self.size == 1 or not tensors:
             return tensors
+        flags = [compress] * len(tensors) if isinstance(compress, bool) else list(compress)
+        sent = [
+            tf.cast(t, tf.float16) if flag and t.dtype == tf.float32 else t
+            for t, flag in zip(tensors, flags, strict=True)
+        ]
+        summed: list[Any] = [None] * len(sent)
+        by_dtype: dict[tf.DType, list[int]] = {}
+        for i, t in enumerate(sent):
+            by_dtype.setdefault(t.dtype, []).append(i)
         with self._collective():
-            if not compress:
-                return self._all_sum(tensors)
-            sent = [t if t.dtype != tf.float32 else tf.cast(t, tf.float16) for t in tensors]
-            summed = self._all_sum(sent)
-            return [tf.cast(s, t.dtype) for s, t in zip(summed, tensors)]
+            for indices in by_dtype.values():
+                for i, t in zip(indices, self._all_sum([sent[i] for i in indices])):
+                    summed[i] = t
+        return [tf.cast(s, t.dtype) for s, t in zip(summed, tensors)]
 
     def _collective(self):
         """Marks an eager collective for the watchdog (this process waits for the others)."""
@@ -164,24 +180,60 @@ class Backend:
             out[i] = g
         return out
 
+    def exchange(
+        self,
+        count: tf.Tensor,
+        grads: Sequence[Any] = (),
+        state: Sequence[tf.Tensor] = (),
+        aggregations: Sequence[str] = (),
+        scalars: Sequence[tf.Tensor] = (),
+        *,
+        shares: bool = False,
+    ) -> tuple[list[Any], list[tf.Tensor], list[tf.Tensor]]:
+        """Everything one step sends to the other processes, in one collective.
+
+        Args:
+            count: This process's number of samples in the step.
+            grads: This process's gradients: the mean over its samples, or with
+                `shares=True` already its share of the global gradient.
+            state: Metric state, combined by `aggregations` ("sum" adds,
+                otherwise averaged over processes).
+            scalars: Means over this process's samples (a step's own values).
+
+        Returns:
+            `(grads, state, scalars)`: the global gradient (the mean over every
+            process's samples), the combined state, and each scalar's mean over
+            every process's samples.
+        """
+        if self.size == 1:
+            return list(grads), list(state), list(scalars)
+        c = tf.cast(count, tf.float32)
+        present = [i for i, g in enumerate(grads) if g is not None]
+        dense = [tf.convert_to_tensor(grads[i]) for i in present]
+        if not shares:
+            dense = [g * tf.cast(c, g.dtype) for g in dense]
+        weighted = [v * tf.cast(c, v.dtype) for v in scalars]
+        payload = [*dense, c, *state, *weighted]
+        compress = [self.compression == "fp16"] * len(dense) + [False] * (len(payload) - len(dense))
+        summed = self.all_sum(payload, compress=compress)
+        n = len(dense)
+        total = summed[n]
+        out: list[Any] = [None] * len(grads)
+        for i, g in zip(present, summed[:n]):
+            out[i] = g if shares else tf.math.divide_no_nan(g, tf.cast(total, g.dtype))
+        combined = [
+            v if a == "sum" else v / tf.cast(self.size, v.dtype)
+            for v, a in zip(summed[n + 1 : n + 1 + len(state)], aggregations, strict=True)
+        ]
+        means = [
+            tf.math.divide_no_nan(v, tf.cast(total, v.dtype)) for v in summed[n + 1 + len(state) :]
+        ]
+        return out, combined, means
+
     def share(self, count: tf.Tensor) -> tf.Tensor:
         """This process's `count` of samples divided by every process's (float32)."""
         count = tf.cast(count, tf.float32)
         return tf.math.divide_no_nan(count, self.all_sum([count])[0])
-
-    def reduce_gradients(self, grads: Sequence[Any], count: tf.Tensor) -> list[Any]:
-        """Averages gradients over processes, weighted by each one's `count` of samples.
-
-        Each process's gradient is the mean over its own samples, so weighting
-        by the number of samples gives the mean over every sample of the step,
-        also when processes hold different numbers (the last batch of uneven
-        shards, or none at all).
-        """
-        if self.size == 1:
-            return list(grads)
-        share = self.share(count)
-        scaled = [None if g is None else g * tf.cast(share, g.dtype) for g in grads]
-        return self.sum_gradients(scaled)
 
     def reduce_state(self, values: Sequence[Any], aggregations: Sequence[str]) -> list[Any]:
         """Combines metric state over processes: summed where `aggregation` is "sum",
@@ -211,8 +263,7 @@ class Backend:
     def barrier(self) -> None:
         """Waits until every process has reached this point."""
         if self.size > 1:
-            with self._collective():
-                self._all_sum([tf.zeros((1,))])
+            self.all_sum([tf.zeros((1,))])
 
     def describe_failure(self, error: BaseException) -> str | None:
         """A message if `error` means another process was lost, else `None`."""

@@ -100,9 +100,13 @@ class CollectiveBackend(Backend):
             with `variable_device="/gpu:0"` the reduction stays on the GPU).
         compression: `"fp16"` sends float32 gradients as float16 (half the
             traffic); `"none"` or `None` sends them as they are.
-        timeout: Seconds a collective may wait for the other processes before
-            it fails (the last resort; lost processes are found sooner by the
-            health check). Defaults to `REPLICATE_COLLECTIVE_TIMEOUT` or 600.
+        startup_timeout: Seconds to wait, at the first collective, for every
+            process of the cluster to start. Defaults to
+            `REPLICATE_STARTUP_TIMEOUT` or 600. Later collectives have no
+            timeout of their own (TensorFlow starts a timer thread for each
+            timed collective, which lives as long as its timeout: one per step
+            would pile up); a lost process is found by the health check and a
+            stuck one by the watchdog.
         health_interval: Seconds between health checks of the other processes.
             Defaults to 5.
         hang_timeout: See `replicate.Backend`: seconds a process may spend
@@ -123,7 +127,7 @@ class CollectiveBackend(Backend):
         communication: str = "auto",
         compression: str | None = None,
         *,
-        timeout: float | None = None,
+        startup_timeout: float | None = None,
         health_interval: float = 5.0,
         hang_timeout: float | None = None,
     ) -> None:
@@ -133,12 +137,15 @@ class CollectiveBackend(Backend):
                 f"Unknown communication. Received: communication={communication!r}. "
                 f"Choose one of {list(COMMUNICATIONS)}."
             )
-        if timeout is None:
-            timeout = float(os.environ.get("REPLICATE_COLLECTIVE_TIMEOUT", 600))
-        if not timeout > 0:
-            raise ValueError(f"`timeout` must be positive seconds. Received: timeout={timeout!r}")
+        if startup_timeout is None:
+            startup_timeout = float(os.environ.get("REPLICATE_STARTUP_TIMEOUT", 600))
+        if not startup_timeout > 0:
+            raise ValueError(
+                "`startup_timeout` must be positive seconds. Received: "
+                f"startup_timeout={startup_timeout!r}"
+            )
         self.communication = communication
-        self.timeout = float(timeout)
+        self.startup_timeout = float(startup_timeout)
         self.health_interval = float(health_interval)
         self.cluster = cluster_lib.tf_config()
         _start(self.cluster)
@@ -167,8 +174,8 @@ class CollectiveBackend(Backend):
             _STARTED["keys"][eager] += 1
             return _STARTED["keys"][eager]
 
-    def _reduce(self, tensor: tf.Tensor, merge_op: str) -> tf.Tensor:
-        if tf.executing_eagerly():
+    def _reduce(self, tensor: tf.Tensor, merge_op: str, *, timeout: float = 0) -> tf.Tensor:
+        if tf.executing_eagerly() and not timeout:
             self._ensure_health_check()
         device = tensor.device or "/cpu:0"
         on_gpu = "GPU" in device.upper()
@@ -183,24 +190,16 @@ class CollectiveBackend(Backend):
                 merge_op=merge_op,
                 final_op="Id",
                 communication_hint=hint,
-                timeout=self.timeout,
+                timeout=timeout,
             )
 
     def _all_sum(self, tensors: list[tf.Tensor]) -> list[tf.Tensor]:
-        # One collective per dtype: the tensors travel packed in one buffer.
-        out: list[Any] = [None] * len(tensors)
-        by_dtype: dict[tf.DType, list[int]] = {}
-        for i, t in enumerate(tensors):
-            by_dtype.setdefault(t.dtype, []).append(i)
-        for indices in by_dtype.values():
-            parts = [tensors[i] for i in indices]
-            with tf.device(parts[0].device or None):
-                flat = tf.concat([tf.reshape(p, [-1]) for p in parts], axis=0)
-            summed = self._reduce(flat, "Add")
-            sizes = [tf.size(p) for p in parts]
-            for i, piece, part in zip(indices, tf.split(summed, sizes), parts):
-                out[i] = tf.reshape(piece, tf.shape(part))
-        return out
+        # One collective: the tensors (of one dtype) travel packed in one buffer.
+        with tf.device(tensors[0].device or None):
+            flat = tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
+        summed = self._reduce(flat, "Add")
+        pieces = tf.split(summed, [tf.size(t) for t in tensors])
+        return [tf.reshape(p, tf.shape(t)) for p, t in zip(pieces, tensors)]
 
     def _all_max(self, value: tf.Tensor) -> tf.Tensor:
         return self._reduce(tf.reshape(value, (1,)), "Max")[0]
@@ -214,8 +213,8 @@ class CollectiveBackend(Backend):
     def _lost_peer_hint(self) -> str:
         return (
             "replicate launch names the process that exited first; one that stopped "
-            "answering is found by the health check, and any collective gives up after "
-            f"{self.timeout:g} s (timeout=, REPLICATE_COLLECTIVE_TIMEOUT)."
+            "answering is found by the health check, one stuck in its own code by its "
+            "watchdog."
         )
 
     def _lost_peer_detail(self, error: BaseException) -> str:
@@ -223,7 +222,10 @@ class CollectiveBackend(Backend):
         if found:
             return found.group(0)
         if isinstance(error, errors.DeadlineExceededError):
-            return f"a collective waited {self.timeout:g} s for the other processes"
+            return (
+                f"not every process of the cluster started within {self.startup_timeout:g} s "
+                "(startup_timeout=, REPLICATE_STARTUP_TIMEOUT)"
+            )
         return super()._lost_peer_detail(error)
 
     # -- health of the other processes -------------------------------------------
@@ -233,7 +235,7 @@ class CollectiveBackend(Backend):
             return
         # Wait until every process is up before watching them.
         _STARTED["health"] = "starting"
-        self._all_sum([tf.zeros((1,))])[0].numpy()
+        self._reduce(tf.zeros((1,)), "Add", timeout=self.startup_timeout).numpy()
         thread = threading.Thread(target=self._watch, daemon=True, name="replicate-health")
         _STARTED["health"] = thread
         thread.start()

@@ -1,4 +1,4 @@
-"""`replicate-bench` (or `python -m benchmarks`): scaling|optimizers [--quick] [--output DIR]."""
+"""`replicate-bench` (or `python -m benchmarks`): scaling|optimizers|precision|consistency."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("scaling", "examples/s against the number of towers, against peers"),
         ("optimizers", "Keras 3 optimizers against native TensorFlow optimizers"),
+        ("precision", "mixed precision through replicate against one device (closeness)"),
+        ("consistency", "the per-step cost of ConsistencyCheck across 2 processes"),
     ):
         p = commands.add_parser(name, help=help_text)
         p.add_argument("--quick", action="store_true", help="a short run (minutes on 2 cores)")
@@ -59,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
         "--methods",
         type=_choices(scaling.METHODS),
         default=list(scaling.METHODS),
-        help="comma list of fit, replicate, mirrored, horovod (default all)",
+        help="comma list of fit, replicate, mirrored, horovod, collective (default all)",
     )
     op = commands.choices["optimizers"]
     op.add_argument(
@@ -80,11 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         from replicate.bench import scaling
 
         scaling.run(args)
-    else:
+    elif args.command == "optimizers":
         from replicate.bench import optimizers
 
         optimizers.run(args)
-    print(f"wrote {args.command}.json, {args.command}.md and {args.command}.png to {args.output}")
+    else:
+        from replicate.bench import checks
+
+        checks.run(args)
+    print(f"wrote {args.command}.json and .md (and a .png chart, if any) to {args.output}")
     return 0
 
 

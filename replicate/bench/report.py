@@ -17,16 +17,21 @@ def _pair(by: dict[tuple, dict[str, Any]], a: tuple, b: tuple) -> str:
 
 
 def write(payload: dict[str, Any], output: Path) -> None:
-    """Writes `<benchmark>.json`, `.md` and `.png` for a payload into `output`."""
+    """Writes `<benchmark>.json`, `.md` (and `.png` where there is a chart) into `output`."""
+    from replicate.bench import checks
+
     name = payload["benchmark"]
     markdown, chart = {
         "scaling": (scaling_markdown, scaling_chart),
         "optimizers": (optimizers_markdown, optimizers_chart),
+        "precision": (checks.precision_markdown, None),
+        "consistency": (checks.consistency_markdown, None),
     }[name]
     output.mkdir(parents=True, exist_ok=True)
     (output / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (output / f"{name}.md").write_text(markdown(payload))
-    chart(payload, output / f"{name}.png")
+    if chart is not None:
+        chart(payload, output / f"{name}.png")
 
 
 def _ratio_of(a: float | None, b: float | None) -> str:
@@ -36,12 +41,13 @@ def _ratio_of(a: float | None, b: float | None) -> str:
 def scaling_markdown(payload: dict[str, Any]) -> str:
     s = payload["settings"]
     lines = [
-        "# Scaling: replicate against MirroredStrategy, plain fit and Horovod",
+        "# Scaling: replicate against MirroredStrategy and plain fit; its multi-process backends",
         "",
         machine.markdown(payload["machine"]),
         f"Global batch {s['global_batch']} split over the towers, SGD, `jit_compile=False`; "
         f"{s['repeats_per_process']} interleaved repeats in each of {s['processes']} "
-        f"processes. Horovod: {s['horovod']}. Median and best (fastest) repeat: on a shared "
+        f"processes. Horovod: {s['horovod']}. Collective: {s.get('collective', 'not run')}. "
+        "Median and best (fastest) repeat: on a shared "
         "machine the best is the run least disturbed by others.",
         "",
         "| model | method | devices | ms/step median | ms/step best | examples/s (median) "
@@ -64,11 +70,12 @@ def scaling_markdown(payload: dict[str, Any]) -> str:
                     f"- {model}: replicate/{n} vs MirroredStrategy/{n}: "
                     f"{_pair(by, ('replicate', n), ('mirrored', n))}"
                 )
-            if ("horovod", n) in by and ("replicate", n) in by:
-                lines.append(
-                    f"- {model}: Horovod {n} processes x 1 tower vs replicate 1 process x "
-                    f"{n} towers: {_pair(by, ('horovod', n), ('replicate', n))}"
-                )
+            for method, title in (("horovod", "Horovod"), ("collective", "collective")):
+                if (method, n) in by and ("replicate", n) in by:
+                    lines.append(
+                        f"- {model}: {title} {n} processes x 1 tower vs replicate 1 process x "
+                        f"{n} towers: {_pair(by, (method, n), ('replicate', n))}"
+                    )
         if ("replicate", 1) in by and ("fit", 1) in by:
             lines.append(
                 f"- {model}: replicate/1 vs plain fit: {_pair(by, ('replicate', 1), ('fit', 1))}"
@@ -142,7 +149,7 @@ def scaling_chart(payload: dict[str, Any], path: Path) -> None:
     models = sorted({r["model"] for r in payload["records"]})
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for color, method in enumerate(("fit", "replicate", "mirrored", "horovod")):
+        for color, method in enumerate(("fit", "replicate", "mirrored", "horovod", "collective")):
             rows = sorted(
                 (r["devices"], r["examples_per_second"], r["global_batch"] / r["ms_per_step_best"])
                 for r in payload["records"]

@@ -1,4 +1,5 @@
-"""Throughput against the number of towers: replicate, MirroredStrategy, plain fit, Horovod."""
+"""Throughput against the number of towers: replicate, MirroredStrategy, plain fit, and
+replicate's two multi-process backends (Horovod, TensorFlow's collective runtime)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any
 
 from replicate.bench import machine, models, report, runner
 
-METHODS = ("fit", "replicate", "mirrored", "horovod")
+METHODS = ("fit", "replicate", "mirrored", "horovod", "collective")
+# Methods that run as n processes of 1 tower, started by their launcher.
+PROCESS_METHODS = ("horovod", "collective")
 
 
 def _compile(model, lr: float = 0.01) -> None:
@@ -57,18 +60,18 @@ def worker(spec: dict[str, Any], devices: list[str]) -> None:
     runner.emit({"times": times})
 
 
-def horovod_worker(spec: dict[str, Any]) -> None:
-    """One Horovod rank: one tower, its share of the global batch; rank 0 reports."""
+def process_worker(spec: dict[str, Any]) -> None:
+    """One process of a multi-process backend: one tower, its share of the global
+    batch; rank 0 reports."""
     import os
-
-    import tensorflow as tf
 
     import replicate
 
     replicate.simulate_devices(1)
-    from replicate.backends import get_backend
+    # Before TensorFlow starts: the collective runtime is configured then.
+    backend = replicate.get_backend(spec["backend"])
+    import tensorflow as tf
 
-    backend = get_backend("horovod")
     threads = max(1, (os.cpu_count() or 1) // backend.size)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     name, batch = spec["model"], spec["batch"] // backend.size
@@ -77,21 +80,31 @@ def horovod_worker(spec: dict[str, Any]) -> None:
         template = models.build(name)
     parallel = replicate.replicate(template, ["/cpu:0"], backend=backend)
     _compile(parallel)
-    contender = runner.Contender("horovod", lambda: runner.time_fit(parallel, x, y, batch))
+    key = spec["backend"]
+    contender = runner.Contender(key, lambda: runner.time_fit(parallel, x, y, batch))
     times = runner.interleave([contender], spec["repeats"], warmup=1)
     if backend.is_chief:
-        runner.emit({"times": {f"horovod/{backend.size}": times["horovod"]}})
+        runner.emit({"times": {f"{key}/{backend.size}": times[key]}})
 
 
-def horovod_available() -> str | None:
-    """None when Horovod can run here, else why not."""
-    try:
-        import horovod  # noqa: F401
-    except ImportError:
+def process_method_available(method: str) -> str | None:
+    """None when `method` can run here, else why not."""
+    if method == "collective":
+        return None
+    from replicate.backends.horovod import build_info
+
+    if not build_info()["installed"]:
         return "Horovod is not installed (make horovod)"
     if shutil.which("horovodrun", path=str(Path(sys.executable).parent)) is None:
         return "horovodrun is not on the PATH of this Python"
     return None
+
+
+def _launcher(method: str, n: int) -> list[str]:
+    here = Path(sys.executable).parent
+    if method == "horovod":
+        return [str(here / "horovodrun"), "-np", str(n), "-H", f"localhost:{n}", "--gloo"]
+    return [str(here / "replicate"), "launch", "--nproc", str(n), "--"]
 
 
 def run(args) -> dict[str, Any]:
@@ -102,8 +115,12 @@ def run(args) -> dict[str, Any]:
     steps = args.steps or (48 if quick else 200)
     repeats = args.repeats or (4 if quick else 7)
     processes = args.processes or 2
-    methods = [m for m in args.methods if m != "horovod"]
-    horovod_reason = horovod_available() if "horovod" in args.methods else "not requested"
+    methods = [m for m in args.methods if m not in PROCESS_METHODS]
+    reasons = {
+        m: process_method_available(m) if m in args.methods else "not requested"
+        for m in PROCESS_METHODS
+    }
+    process_methods = [m for m in PROCESS_METHODS if reasons[m] is None]
     machine_info = machine.describe()
     results: dict[str, dict[str, Any]] = {}
     for name in args.models:
@@ -119,29 +136,21 @@ def run(args) -> dict[str, Any]:
             "repeats": repeats,
             "methods": methods,
         }
-        horovod_counts = counts[1:] if horovod_reason is None else []
-        progress = runner.Progress(processes * (1 + len(horovod_counts)), f"scaling {name}")
+        launches = [(m, n) for m in process_methods for n in counts[1:]]
+        progress = runner.Progress(processes * (1 + len(launches)), f"scaling {name}")
         times: dict[str, list[float]] = {}
         with machine.GPUMonitor() as monitor:
             for p in range(processes):
                 out = runner.run_worker("replicate.bench.worker", {**spec, "seed": p})
                 progress.step(f"process {p + 1}: fit, replicate, mirrored")
                 _extend(times, out["times"])
-                for n in horovod_counts:
-                    launcher = [
-                        str(Path(sys.executable).with_name("horovodrun")),
-                        "-np",
-                        str(n),
-                        "-H",
-                        f"localhost:{n}",
-                        "--gloo",
-                    ]
+                for method, n in launches:
                     out = runner.run_worker(
                         "replicate.bench.worker",
-                        {**spec, "kind": "horovod", "seed": p},
-                        launcher=launcher,
+                        {**spec, "kind": "processes", "backend": method, "seed": p},
+                        launcher=_launcher(method, n),
                     )
-                    progress.step(f"process {p + 1}: horovod x{n}")
+                    progress.step(f"process {p + 1}: {method} x{n}")
                     _extend(times, out["times"])
         results[name] = {
             "batch": model_batch,
@@ -161,7 +170,8 @@ def run(args) -> dict[str, Any]:
             "global_batch": batch,
             "jit_compile": False,
             "optimizer": "SGD(0.01)",
-            "horovod": horovod_reason or "measured",
+            "horovod": reasons["horovod"] or "measured",
+            "collective": reasons["collective"] or "measured",
         },
         "records": records,
         "gpu_telemetry": {name: r["gpus"] for name, r in results.items()},
@@ -186,7 +196,7 @@ def _records(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             throughput = result["batch"] / (ms / 1000.0)
             if towers == 1 or method not in base:
                 base.setdefault(method, throughput)
-            one = base.get(method) if method != "horovod" else base.get("replicate")
+            one = base.get(method) if method not in PROCESS_METHODS else base.get("replicate")
             records.append(
                 {
                     "model": name,

@@ -27,10 +27,15 @@ def _devices(count: int) -> list[str]:
 def main(argv: list[str]) -> None:
     spec = json.loads(argv[0])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if spec["kind"] == "horovod":
+    if spec["kind"] == "processes":
         from replicate.bench import scaling
 
-        scaling.horovod_worker(spec)
+        scaling.process_worker(spec)
+        return
+    if spec["kind"] == "consistency":
+        from replicate.bench import checks
+
+        checks.consistency_worker(spec)
         return
     devices = _devices(spec["devices"])
     if spec["kind"] == "scaling":
@@ -41,6 +46,10 @@ def main(argv: list[str]) -> None:
         from replicate.bench import optimizers
 
         optimizers.worker(spec, devices)
+    elif spec["kind"] == "precision":
+        from replicate.bench import checks
+
+        checks.precision_worker(spec, devices)
     else:
         raise SystemExit(f"unknown worker kind {spec['kind']!r}")
 

@@ -1,0 +1,201 @@
+"""Two measurements the README quotes: how close replicated mixed-precision training comes
+to one device (`precision`), and what `ConsistencyCheck` costs per step (`consistency`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from replicate.bench import machine, report, runner
+
+POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+def precision_worker(spec: dict[str, Any], devices: list[str]) -> None:
+    """Single-device fit against `replicate` over `devices`, same start, one policy."""
+    import keras
+    import numpy as np
+
+    import replicate
+    from replicate.demo import load_digits
+
+    keras.mixed_precision.set_global_policy(spec["policy"])
+    (x, y), (x_test, y_test) = load_digits()
+
+    def make():
+        # The demo convnet without its Dropout and (per-tower) BatchNormalization,
+        # so that float32 is exact and the other rows show rounding alone.
+        inputs = keras.Input((8, 8, 1))
+        h = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(inputs)
+        h = keras.layers.Conv2D(64, 3, padding="same", activation="relu")(h)
+        h = keras.layers.Flatten()(keras.layers.MaxPooling2D(2)(h))
+        h = keras.layers.Dense(128, activation="relu")(h)
+        outputs = keras.layers.Dense(10, activation="softmax", dtype="float32")(h)
+        return keras.Model(inputs, outputs)
+
+    def trained(parallel: bool):
+        keras.utils.set_random_seed(spec["seed"])
+        model = make()
+        target = replicate.replicate(model, devices) if parallel else model
+        target.compile(
+            optimizer=keras.optimizers.Adam(1e-3),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        history = target.fit(
+            x, y, batch_size=spec["batch"], epochs=spec["epochs"], shuffle=False, verbose=0
+        ).history
+        # The template is compiled either way: evaluate it on one device.
+        return model, history, model.evaluate(x_test, y_test, verbose=0)[1]
+
+    single, single_history, single_accuracy = trained(False)
+    towers, tower_history, tower_accuracy = trained(True)
+    weights = [
+        float(np.abs(a - b).max()) for a, b in zip(single.get_weights(), towers.get_weights())
+    ]
+    losses = [abs(a - b) / abs(b) for a, b in zip(tower_history["loss"], single_history["loss"])]
+    runner.emit(
+        {
+            "policy": spec["policy"],
+            "max_abs_weight_diff": max(weights),
+            "max_rel_loss_diff": max(losses),
+            "final_loss": {
+                "one_device": single_history["loss"][-1],
+                "towers": tower_history["loss"][-1],
+            },
+            "test_accuracy": {"one_device": single_accuracy, "towers": tower_accuracy},
+        }
+    )
+
+
+def consistency_worker(spec: dict[str, Any]) -> None:
+    """One process of 2 (replicate launch): steps without and with ConsistencyCheck."""
+    import replicate
+
+    replicate.simulate_devices(1)
+    backend = replicate.get_backend("collective")
+    import keras
+
+    from replicate.bench import models
+
+    x, y = models.data("mlp", spec["batch"] * spec["steps"], seed=backend.rank)
+    model = models.build("mlp")
+    parallel = replicate.replicate(model, ["/cpu:0"], backend=backend)
+    parallel.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+
+    def timed(callbacks):
+        def run():
+            import time
+
+            start = time.perf_counter()
+            parallel.fit(x, y, batch_size=spec["batch"], epochs=1, verbose=0, callbacks=callbacks())
+            return 1000.0 * (time.perf_counter() - start) / spec["steps"]
+
+        return run
+
+    # One callback per contender, as in one long fit: its checksum is traced once.
+    check = replicate.callbacks.ConsistencyCheck
+    every_100, every_batch = check(every_n_batches=100), check(every_n_batches=1)
+    contenders = [
+        runner.Contender("none", timed(list)),
+        runner.Contender("every 100", timed(lambda: [every_100])),
+        runner.Contender("every batch", timed(lambda: [every_batch])),
+    ]
+    times = runner.interleave(contenders, spec["repeats"], warmup=1)
+    if backend.is_chief:
+        runner.emit({"times": times})
+
+
+def run(args) -> dict[str, Any]:
+    """The `precision` and `consistency` commands."""
+    info = machine.describe()
+    if args.command == "precision":
+        spec = {
+            "kind": "precision",
+            "devices": args.devices,
+            "batch": args.batch or 64,
+            "epochs": 2 if args.quick else 5,
+            "seed": 0,
+        }
+        rows = []
+        progress = runner.Progress(len(POLICIES), "precision")
+        for policy in POLICIES:
+            rows.append(runner.run_worker("replicate.bench.worker", {**spec, "policy": policy}))
+            progress.step(policy)
+        payload = {"benchmark": "precision", "machine": info, "settings": spec, "records": rows}
+    else:
+        spec = {
+            "kind": "consistency",
+            "batch": args.batch or 64,
+            "steps": args.steps or (100 if args.quick else 300),
+            "repeats": args.repeats or (3 if args.quick else 6),
+        }
+        launcher = [str(Path(sys.executable).parent / "replicate"), "launch", "--nproc", "2", "--"]
+        times: dict[str, list[float]] = {}
+        processes = args.processes or 2
+        progress = runner.Progress(processes, "consistency")
+        for p in range(processes):
+            out = runner.run_worker("replicate.bench.worker", spec, launcher=launcher)
+            for key, values in out["times"].items():
+                times.setdefault(key, []).extend(values)
+            progress.step(f"job {p + 1}")
+        payload = {
+            "benchmark": "consistency",
+            "machine": info,
+            "settings": spec,
+            "records": {
+                k: {"ms_per_step_median": runner.median(v), "ms_per_step_best": min(v)}
+                for k, v in times.items()
+            },
+        }
+    report.write(payload, Path(args.output))
+    return payload
+
+
+def precision_markdown(payload: dict[str, Any]) -> str:
+    s = payload["settings"]
+    lines = [
+        "# Mixed precision through replicate against one device",
+        "",
+        machine.markdown(payload["machine"]),
+        f"The digits convnet (two convolutions, pooling, two dense layers; no Dropout or "
+        f"BatchNormalization), Adam(1e-3), batch {s['batch']}, {s['epochs']} epochs, the same "
+        f"start: one device against {s['devices']} towers, per dtype policy.",
+        "",
+        "| policy | max abs weight diff | max rel loss diff | final loss one device / towers "
+        "| test accuracy one device / towers |",
+        "|---|---|---|---|---|",
+    ]
+    for r in payload["records"]:
+        lines.append(
+            f"| {r['policy']} | {r['max_abs_weight_diff']:.2e} | {r['max_rel_loss_diff']:.2e} | "
+            f"{r['final_loss']['one_device']:.4f} / {r['final_loss']['towers']:.4f} | "
+            f"{r['test_accuracy']['one_device']:.4f} / {r['test_accuracy']['towers']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def consistency_markdown(payload: dict[str, Any]) -> str:
+    s, r = payload["settings"], payload["records"]
+    base = r["none"]["ms_per_step_median"]
+    lines = [
+        "# The cost of ConsistencyCheck",
+        "",
+        machine.markdown(payload["machine"]),
+        f"2 processes (replicate launch, collective backend) x 1 tower, the benchmark MLP, "
+        f"batch {s['batch']} per process, {s['steps']} steps per timed epoch, "
+        f"{s['repeats']} interleaved repeats per job.",
+        "",
+        "| check | ms/step median | ms/step best | overhead (median) |",
+        "|---|---|---|---|",
+    ]
+    for key, row in r.items():
+        lines.append(
+            f"| {key} | {row['ms_per_step_median']:.2f} | {row['ms_per_step_best']:.2f} | "
+            f"{100 * (row['ms_per_step_median'] / base - 1):+.1f}% |"
+        )
+    return "\n".join(lines) + "\n"
