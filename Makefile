@@ -25,9 +25,10 @@ install: $(DEPS)
 horovod: $(DEPS)
 	scripts/build-horovod.sh $(VENV)
 
-# Horovod 0.28.1 with NCCL for GPU tensors, built without a GPU (about 3-5 minutes
+# Horovod 0.28.1 with NCCL for GPU tensors, built without a GPU (about 4 minutes
 # the first time), into $(GPU_VENV), which shares $(VENV)'s TensorFlow, so that
-# $(VENV) keeps the CPU build the tests use. Not part of `make test`.
+# $(VENV) keeps the CPU build the other tests use; tests/test_horovod_gpu_build.py
+# checks it.
 horovod-gpu: $(DEPS)
 	scripts/build-horovod.sh --gpu --tensorflow-from $(VENV) $(GPU_VENV)
 
@@ -39,7 +40,7 @@ lint: $(DEPS)
 	$(BIN)/ruff format --check --no-cache .
 	@if [ -d docker ]; then $(BIN)/hadolint docker/*.Dockerfile; fi
 
-test: lint install horovod
+test: lint install horovod horovod-gpu
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: install

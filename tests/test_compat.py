@@ -13,33 +13,13 @@ BATCH = 10  # over 3 towers: 4/3/3, and the epoch's last batch of 1 leaves 2 tow
 
 
 @pytest.fixture
-def data():
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(61, 6)).astype("float32")
-    y = rng.integers(0, 3, size=61).astype("int32")
-    return x, y
+def data(classification_data):
+    """61 samples, 6 features, 3 classes (conftest's `classification_data`)."""
+    return classification_data
 
 
-def _mlp(seed=7, **dense):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [
-            keras.Input((6,)),
-            keras.layers.Dense(16, activation="tanh", **dense),
-            keras.layers.Dense(3),
-        ],
-        name="mlp",
-    )
-
-
-def _compile(model, optimizer=None, **kwargs):
-    model.compile(
-        optimizer=optimizer if optimizer is not None else keras.optimizers.SGD(0.1),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-        **kwargs,
-    )
-    return model
+_mlp = model_zoo.mlp
+_compile = model_zoo.compile_classifier
 
 
 def _pair(devices, make=_mlp, towers=3, **compile_kwargs):

@@ -247,5 +247,5 @@ def test_bad_jit_compile_value(devices, mlp_factory):
 
 
 def test_unknown_backend_lists_choices(devices, mlp_factory):
-    with pytest.raises(ValueError, match=r"backend='nccl'.*\['local', 'horovod'\]"):
+    with pytest.raises(ValueError, match=r"backend='nccl'.*\['local', 'horovod', 'collective'\]"):
         replicate.replicate(mlp_factory(), devices[:2], backend="nccl")
