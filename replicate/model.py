@@ -251,12 +251,7 @@ class ReplicatedModel(keras.Model):
         state = self._backend.reduce_state(
             [v.value for v in variables], [v.aggregation for v in variables]
         )
-        results, start = [], 0
-        for metric in metrics:
-            count = len(metric.variables)
-            results.append(metric.stateless_result(state[start : start + count]))
-            start += count
-        return results
+        return _results_from_state(metrics, state)
 
     def get_metrics_result(self) -> dict[str, Any]:
         """The metrics over every process's samples (what Keras shows and records)."""
@@ -304,11 +299,7 @@ class ReplicatedModel(keras.Model):
         if not keyed:
             return grads, logs
         out = dict(keyed)
-        start = 0
-        for metric in metrics:
-            n = len(metric.variables)
-            result = metric.stateless_result(state[start : start + n])
-            start += n
+        for metric, result in zip(metrics, _results_from_state(metrics, state)):
             items = result.items() if isinstance(result, dict) else [(metric.name, result)]
             out.update((k, v) for k, v in items if k in keyed)
         out.update(zip(rest, means))
@@ -383,6 +374,16 @@ class ReplicatedModel(keras.Model):
             "A ReplicatedModel is not serialised itself; save `model.template` "
             "(what `model.save` does) and replicate it again after loading."
         )
+
+
+def _results_from_state(metrics: Sequence[keras.metrics.Metric], state: Sequence[Any]) -> list:
+    """Each metric's result from `state`: its variables' values, metric after metric."""
+    results, start = [], 0
+    for metric in metrics:
+        count = len(metric.variables)
+        results.append(metric.stateless_result(list(state[start : start + count])))
+        start += count
+    return results
 
 
 def _atomically(write: Callable[..., None], filepath: Any, *args: Any, **kwargs: Any) -> None:
