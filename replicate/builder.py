@@ -22,24 +22,17 @@ in lockstep threads whose towers meet at each synchronized layer
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import keras
 import tensorflow as tf
-from keras.src.backend.common import masking  # Keras has no public mask accessor
 
-from replicate import reduce
+from replicate import _keras_compat, reduce, state
+from replicate import merge as _merge
 from replicate.devices import canonical_device, validate_devices
 from replicate.replica import TowerGroup
-
-# Tower k (counted over every process) draws its random numbers (Dropout
-# masks, noise) from the seed shifted by k times this odd constant, so towers
-# never share a mask while tower 0 of process 0 keeps the exact random stream
-# of a single-device run.
-_SEED_STRIDE = 1_000_003
+from replicate.tower import TowerPass
 
 LossFn = Callable[..., tf.Tensor]
 
@@ -52,28 +45,6 @@ class Step(NamedTuple):
     outputs: Any  # the merged outputs, masks attached
     tower_outputs: list[Any]  # each tower's real outputs
     slices: reduce.Slices
-
-
-class _Tower(NamedTuple):
-    """One tower's forward pass, kept for its backward pass."""
-
-    outputs: Any  # real rows only, masks attached
-    targets: list[tf.Tensor]  # what the loss can depend on: float outputs, model loss
-    model_loss: tf.Tensor | None  # the model's own losses on this slice, summed
-    updates: list[Any]  # new non-trainable values (None where unchanged)
-    tape: tf.GradientTape | None
-    trainable: list[tf.Tensor]  # this tower's copies of the weights
-
-
-def _is_seed_state(variable: keras.Variable) -> bool:
-    return variable.name == "seed_generator_state"
-
-
-def _call_accepts_training(model: keras.Model) -> bool:
-    params = inspect.signature(model.call).parameters
-    return "training" in params or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
-    )
 
 
 class ReplicaBuilder:
@@ -160,8 +131,8 @@ class ReplicaBuilder:
             )
         self.model = model
         self.backend = backend
-        self._training_arg = _call_accepts_training(model)
-        self._compiled: dict[bool, Any] = {}
+        self.tower_pass = TowerPass(model)
+        self.state_writer = state.StateWriter(first_tower=self.global_tower(0), backend=backend)
         self.jit_compile = jit_compile
 
     @property
@@ -179,6 +150,7 @@ class ReplicaBuilder:
                 "others. Use jit_compile=False, or synchronized=False."
             )
         self._jit_compile = bool(value)
+        self.tower_pass.jit_compile = self._jit_compile
 
     @property
     def num_towers(self) -> int:
@@ -190,7 +162,7 @@ class ReplicaBuilder:
         """Whether a layer meets the other towers mid-pass (synchronized BatchNorm)."""
         return any(
             getattr(layer, "synchronized", False) is True
-            for layer in self.model._flatten_layers(include_self=False)
+            for layer in _keras_compat.sublayers(self.model)
         )
 
     # -- public API ---------------------------------------------------------
@@ -206,14 +178,14 @@ class ReplicaBuilder:
             slice is empty returns zero rows).
         """
         if training:
-            return self._train(x, None).tower_outputs
-        return self._infer(x, merge=False)
+            return self.train_pass(x, None).tower_outputs
+        return self.evaluate_pass(x, merge=False)[0]
 
     def call(self, x: Any, training: bool = False) -> Any:
         """The tower outputs concatenated on the variable device: `model(x)` in parallel."""
         if training:
-            return self._train(x, None).outputs
-        return self._infer(x)
+            return self.train_pass(x, None).outputs
+        return self.evaluate_pass(x)[0]
 
     def compute_gradients(
         self,
@@ -247,7 +219,7 @@ class ReplicaBuilder:
                 loss = loss + tf.cast(model_loss, loss.dtype)
             return loss
 
-        step = self._train(x, loss_of)
+        step = self.train_pass(x, loss_of)
         return step.loss, step.grads
 
     def apply_gradients(self, optimizer: Any, grads: Sequence[Any]) -> None:
@@ -269,7 +241,7 @@ class ReplicaBuilder:
                 f"({len(variables)}). Received {len(grads)} gradients."
             )
         with tf.device(self.variable_device):
-            apply_gradients(optimizer, grads, variables, device=self.variable_device)
+            state.apply_gradients(optimizer, grads, variables, device=self.variable_device)
 
     # -- the engine -----------------------------------------------------------
 
@@ -296,99 +268,27 @@ class ReplicaBuilder:
 
     def tower_state(self, i: int, values: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         """Non-trainable values as tower `i` sees them: its own random seeds."""
-        shift = self.global_tower(i) * _SEED_STRIDE
-        if shift == 0:
-            return list(values)
-        shifted = []
-        for variable, value in zip(self.model.non_trainable_variables, values):
-            if _is_seed_state(variable):
-                value = value + tf.constant([shift, 0], value.dtype)
-            shifted.append(value)
-        return shifted
+        return self.tower_pass.tower_state(self.global_tower(i), values)
 
-    def _evaluate(self, x: Any, merge: bool = True) -> tuple[Any, tf.Tensor | None]:
+    def _state_values(self) -> list[tf.Tensor]:
+        with tf.device(self.variable_device):
+            return [tf.convert_to_tensor(v.value) for v in self.model.non_trainable_variables]
+
+    def evaluate_pass(self, x: Any, merge: bool = True) -> tuple[Any, tf.Tensor | None]:
         """Inference on each tower: the outputs (merged) and the model's own losses."""
         slices = self.slices(x)
-        with tf.device(self.variable_device):
-            state = [tf.convert_to_tensor(v.value) for v in self.model.non_trainable_variables]
+        values = self._state_values()
         towers = self.group(slices).run(
-            lambda i: self._tower_forward(i, slices, state, False, watch=False)
+            lambda i: self.tower_pass.forward(
+                self.global_tower(i), slices.parts[i], slices.sizes[i], values, False, watch=False
+            )
         )
         outputs = [t.outputs for t in towers]
         with tf.device(self.variable_device):
-            model_loss = self._combine_model_losses(towers, slices.weights)
-            return (reduce.merge(outputs) if merge else outputs), model_loss
+            model_loss = _merge.combine_model_losses([t.model_loss for t in towers], slices.weights)
+            return (_merge.merge(outputs) if merge else outputs), model_loss
 
-    def _infer(self, x: Any, merge: bool = True) -> Any:
-        return self._evaluate(x, merge=merge)[0]
-
-    def _forward(self, trainable, state, x, training):
-        """One stateless model call: outputs, their masks, new state values, model losses."""
-        model = self.model
-        mapping = list(zip(model.trainable_variables, trainable)) + list(
-            zip(model.non_trainable_variables, state)
-        )
-        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
-            before = {id(v): scope.get_current_value(v) for v in model.non_trainable_variables}
-            if self._training_arg:
-                outputs = model(x, training=training)
-            else:
-                outputs = model(x)
-            losses = list(model.losses)
-        updates = []
-        for v in model.non_trainable_variables:
-            new = scope.get_current_value(v)
-            updates.append(None if new is before[id(v)] else new)
-        masks = [masking.get_keras_mask(t) for t in tf.nest.flatten(outputs)]
-        return outputs, masks, updates, losses
-
-    def _forward_function(self) -> Callable[..., Any]:
-        if not self.jit_compile:
-            return self._forward
-        if True not in self._compiled:
-            self._compiled[True] = tf.function(
-                self._forward, jit_compile=True, reduce_retracing=True
-            )
-        return self._compiled[True]
-
-    def _tower_forward(
-        self, i: int, slices: reduce.Slices, state: list, training: bool, *, watch: bool = True
-    ) -> _Tower:
-        trainable = [tf.identity(v.value) for v in self.model.trainable_variables]
-        tape = tf.GradientTape(watch_accessed_variables=False)
-        with tape if watch else contextlib.nullcontext():
-            if watch:
-                tape.watch(trainable)
-            out, masks, updates, losses = self._forward_function()(
-                trainable, self.tower_state(i, state), slices.parts[i], training
-            )
-            for t, mask in zip(tf.nest.flatten(out), masks):
-                if mask is not None:
-                    masking.set_keras_mask(t, mask)
-            outputs = reduce.keep(out, slices.sizes[i])
-            model_loss = None
-            if losses:
-                model_loss = tf.add_n([tf.reduce_sum(tf.cast(v, tf.float32)) for v in losses])
-        targets = [t for t in tf.nest.flatten(outputs) if t is not None and t.dtype.is_floating]
-        if model_loss is not None:
-            targets.append(model_loss)
-        return _Tower(outputs, targets, model_loss, updates, tape if watch else None, trainable)
-
-    def _tower_backward(self, tower: _Tower, upstream: list, present: tf.Tensor) -> list[Any]:
-        pairs = [(t, g) for t, g in zip(tower.targets, upstream) if g is not None]
-        if not pairs:
-            return [None] * len(tower.trainable)
-        targets, output_gradients = zip(*pairs)
-        grads = tower.tape.gradient(
-            list(targets),
-            tower.trainable,
-            output_gradients=list(output_gradients),
-            unconnected_gradients=tf.UnconnectedGradients.NONE,
-        )
-        # A tower that held only a stand-in row adds exactly nothing.
-        return [reduce._scale(g, present) for g in grads]
-
-    def _train(
+    def train_pass(
         self,
         x: Any,
         loss_of: Callable[[Any, tf.Tensor | None], tf.Tensor] | None,
@@ -412,56 +312,33 @@ class ReplicaBuilder:
         """
         model = self.model
         slices = self.slices(x)
-        with tf.device(self.variable_device):
-            state = [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables]
+        values = self._state_values()
         group = self.group(slices)
-        towers = group.run(lambda i: self._tower_forward(i, slices, state, True))
+        towers = group.run(
+            lambda i: self.tower_pass.forward(
+                self.global_tower(i), slices.parts[i], slices.sizes[i], values, True
+            )
+        )
         loss = grads = None
         with tf.device(self.variable_device):
-            weights = slices.weights
             if loss_of is not None:
-                watched = [t for tower in towers for t in tower.targets]
-                with tf.GradientTape(watch_accessed_variables=False) as tape:
-                    tape.watch(watched)
-                    merged = reduce.merge([t.outputs for t in towers])
-                    model_loss = self._combine_model_losses(towers, weights)
-                    loss = loss_of(merged, model_loss)
-                    target = loss if share is None else loss * tf.cast(share, loss.dtype)
-                    if scale is not None:
-                        target = scale(target)
-                upstream = tape.gradient(target, watched)
+                result = _merge.loss_pass(towers, loss_of, slices.weights, share=share, scale=scale)
+                loss, merged = result.value, result.merged
             else:
-                merged = reduce.merge([t.outputs for t in towers])
+                merged = _merge.merge([t.outputs for t in towers])
         if loss_of is not None:
-            per_tower, start = [], 0
-            for tower in towers:
-                per_tower.append(upstream[start : start + len(tower.targets)])
-                start += len(tower.targets)
             tower_grads = group.run(
-                lambda i: self._tower_backward(towers[i], per_tower[i], slices.present[i])
+                lambda i: self.tower_pass.backward(towers[i], result.upstream[i], slices.present[i])
             )
             with tf.device(self.variable_device):
                 grads = [reduce.add(list(column)) for column in zip(*tower_grads)]
         with tf.device(self.variable_device):
-            self._write_state(
-                model.non_trainable_variables, [t.updates for t in towers], state, slices
+            self.write_state(
+                model.non_trainable_variables, [t.updates for t in towers], values, slices
             )
         return Step(loss, grads, merged, [t.outputs for t in towers], slices)
 
-    def _combine_model_losses(self, towers: list[_Tower], weights: tf.Tensor) -> tf.Tensor | None:
-        """The model's own losses of the batch: each tower's, weighted by its share.
-
-        Exact for losses that are means over the batch (Keras' convention:
-        regularizers of weights, activity regularizers, `add_loss` of a mean).
-        """
-        values = [t.model_loss for t in towers]
-        if all(v is None for v in values):
-            return None
-        return tf.add_n(
-            [tf.math.multiply_no_nan(v, weights[i]) for i, v in enumerate(values) if v is not None]
-        )
-
-    def _write_state(
+    def write_state(
         self,
         variables: list[Any],
         per_tower: list[list[Any]],
@@ -472,75 +349,4 @@ class ReplicaBuilder:
     ) -> None:
         """Writes `variables` once, combining the towers' new values (`None`:
         unchanged) by each variable's aggregation; over processes too."""
-        combined: list[tuple[Any, tf.Tensor, tf.Tensor]] = []
-        for j, variable in enumerate(variables):
-            news = [updates[j] for updates in per_tower]
-            if all(new is None for new in news):
-                continue
-            if _is_seed_state(variable):
-                # Tower 0 continues the stream; its shift comes back off.
-                shift = self.global_tower(0) * _SEED_STRIDE
-                value = news[0] if news[0] is not None else old[j]
-                if shift:
-                    value = value - tf.constant([shift, 0], value.dtype)
-                variable.assign(value)
-                continue
-            news = [old[j] if new is None else new for new in news]
-            value = reduce.combine_state(
-                variable.aggregation, old[j], news, slices.weights, slices.present
-            )
-            combined.append((variable, old[j], value))
-        if processes and combined and self.backend is not None and self.backend.size > 1:
-            combined = self._over_processes(combined, tf.reduce_sum(slices.sizes))
-        for variable, _, value in combined:
-            variable.assign(value)
-
-    def _over_processes(self, combined: list, count: tf.Tensor) -> list:
-        """Each process's combined state, combined again over processes: changes
-        of "sum" state add up; mean state is weighted by each process's samples."""
-        sent, where = [], []
-        c = tf.cast(count, tf.float32)
-        for k, (variable, old, value) in enumerate(combined):
-            dtype = tf.as_dtype(value.dtype)
-            if variable.aggregation == "sum":
-                sent.append(value - old)
-            elif variable.aggregation == "mean" or (
-                variable.aggregation == "none" and dtype.is_floating
-            ):
-                sent.append(tf.math.multiply_no_nan(value, tf.cast(c, dtype)))
-            else:
-                continue
-            where.append(k)
-        if not sent:
-            return combined
-        *received, total = self.backend.all_sum([*sent, c])
-        out = list(combined)
-        for k, summed in zip(where, received):
-            variable, old, value = combined[k]
-            if variable.aggregation == "sum":
-                new = old + summed
-            else:  # an entirely empty step leaves the state as it was
-                new = tf.where(total > 0, summed / tf.cast(total, summed.dtype), old)
-            out[k] = (variable, old, new)
-        return out
-
-
-def apply_gradients(
-    optimizer: Any, grads: Sequence[Any], variables: Sequence[Any], *, device: str
-) -> None:
-    """Applies `grads` to Keras `variables` with a Keras or a native TF optimizer."""
-    if isinstance(optimizer, keras.optimizers.Optimizer):
-        if not optimizer.built:
-            with tf.init_scope(), tf.device(device):
-                optimizer.build(list(variables))
-        optimizer.apply_gradients(zip(grads, variables))
-    elif isinstance(optimizer, tf.compat.v1.train.Optimizer):
-        pairs = [(g, v.value) for g, v in zip(grads, variables) if g is not None]
-        optimizer.apply_gradients(pairs)
-    else:
-        raise TypeError(
-            "`optimizer` must be a Keras optimizer (keras.optimizers.SGD, Adam, "
-            "...) or a native TensorFlow optimizer (tf.compat.v1.train."
-            "GradientDescentOptimizer, AdamOptimizer, ...). Received: "
-            f"optimizer={optimizer!r} of type {type(optimizer).__name__}"
-        )
+        self.state_writer.write(variables, per_tower, old, slices, processes=processes)

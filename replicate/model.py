@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from replicate import processes, reduce, steps
+from replicate import _keras_compat, processes, reduce, results, steps, writers
 from replicate.backends import Backend, get_backend
 from replicate.builder import ReplicaBuilder
 from replicate.devices import process_devices
@@ -52,7 +49,7 @@ class ReplicatedModel(keras.Model):
         self.template = builder.model
         self._builder = builder
         self._backend = distribution
-        self._skip_batches = 0
+        self.skip_batches = 0
         self.built = True
         if getattr(self.template, "compiled", False):
             self._adopt_compile()
@@ -139,7 +136,7 @@ class ReplicatedModel(keras.Model):
     def compute_output_spec(self, inputs: Any, training: bool = False) -> Any:
         return self.template.compute_output_spec(inputs)
 
-    def _share(self, count: tf.Tensor) -> tf.Tensor | None:
+    def share(self, count: tf.Tensor) -> tf.Tensor | None:
         """This process's share of the global batch; `None` for one process."""
         return None if self._backend.size == 1 else self._backend.share(count)
 
@@ -147,18 +144,21 @@ class ReplicatedModel(keras.Model):
         """The template's `compute_loss` on the whole batch, its own losses included."""
         template = self.template
         if model_loss is None:
-            if template._compile_loss is None and not steps.overridden(template, "compute_loss"):
+            if _keras_compat.compiled_loss(template) is None and not steps.overridden(
+                template, "compute_loss"
+            ):
                 raise ValueError("No loss to compute. Provide a `loss` argument in `compile()`.")
             model_loss = tf.zeros((), keras.config.floatx())
         # `model.losses` inside compute_loss: the towers' losses, combined.
-        template._losses_override = [model_loss]
-        try:
-            loss = template._compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
-            )
-        finally:
-            template._losses_override = []
-        return loss
+        return _keras_compat.compute_loss(
+            template,
+            x=x,
+            y=y,
+            y_pred=y_pred,
+            sample_weight=sample_weight,
+            training=training,
+            losses=[model_loss],
+        )
 
     def train_step(self, data: Any) -> Any:
         if steps.overridden(self.template, "train_step"):
@@ -171,20 +171,22 @@ class ReplicatedModel(keras.Model):
         # samples: scale it by the process's share before backpropagating, so
         # that summing over processes is exact. Otherwise the share is folded
         # into the step's one collective (`Backend.exchange`).
-        share = self._share(count) if self._builder.synchronized else None
+        share = self.share(count) if self._builder.synchronized else None
 
         def loss_of(y_pred, model_loss):
             return self._batch_loss(x, y, y_pred, sample_weight, model_loss, training=True)
 
-        step = self._builder._train(
+        step = self._builder.train_pass(
             x, loss_of, scale=optimizer.scale_loss if optimizer else None, share=share
         )
         with tf.device(self.variable_device):
-            template._loss_tracker.update_state(step.loss, sample_weight=count)
+            _keras_compat.loss_tracker(template).update_state(step.loss, sample_weight=count)
             # Metrics use this step's predictions: update them before the
             # exchange, so that one collective carries gradients and metrics.
             logs = template.compute_metrics(x, y, step.outputs, sample_weight=sample_weight)
-            grads, logs = self._exchange(count, step.grads, logs, shares=share is not None)
+            grads, logs = results.exchange(
+                self._backend, self.template, count, step.grads, logs, shares=share is not None
+            )
             if template.trainable_weights:
                 optimizer.apply_gradients(zip(grads, template.trainable_weights))
             return logs
@@ -194,13 +196,13 @@ class ReplicatedModel(keras.Model):
             return steps.run(self, "test_step", data)
         template = self.template
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y_pred, model_loss = self._builder._evaluate(x)
+        y_pred, model_loss = self._builder.evaluate_pass(x)
         with tf.device(self.variable_device):
             loss = self._batch_loss(x, y, y_pred, sample_weight, model_loss, training=False)
             count = reduce.batch_size(x)
-            template._loss_tracker.update_state(loss, sample_weight=count)
+            _keras_compat.loss_tracker(template).update_state(loss, sample_weight=count)
             logs = template.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-            return self._exchange(count, (), logs)[1]
+            return results.exchange(self._backend, template, count, (), logs)[1]
 
     def predict_step(self, data: Any) -> Any:
         if steps.overridden(self.template, "predict_step"):
@@ -227,10 +229,10 @@ class ReplicatedModel(keras.Model):
         watchdog = self._backend.watchdog
 
         def marked(iterator):
-            if skip and self._skip_batches > 0:
-                for _ in range(min(self._skip_batches, self.steps_per_execution)):
+            if skip and self.skip_batches > 0:
+                for _ in range(min(self.skip_batches, self.steps_per_execution)):
                     next(iterator)
-                    self._skip_batches -= 1
+                    self.skip_batches -= 1
                 return {}
             with watchdog.waiting():
                 return function(iterator)
@@ -240,70 +242,15 @@ class ReplicatedModel(keras.Model):
     def combined_results(self, metrics: Sequence[keras.metrics.Metric]) -> list[Any]:
         """Each metric's result over every process's samples (one collective for all).
 
-        Across processes, each metric's state (totals and counts) is combined
-        first, then the result is computed from it: a loss averaged over 100
-        samples on one process and 90 on another is the mean over all 190.
-        Works eagerly and inside a step.
+        See `replicate.results.combined_results`. Works eagerly and inside a step.
         """
-        if self._backend.size == 1:
-            return [m.result() for m in metrics]
-        variables = [v for m in metrics for v in m.variables]
-        state = self._backend.reduce_state(
-            [v.value for v in variables], [v.aggregation for v in variables]
-        )
-        return _results_from_state(metrics, state)
+        return results.combined_results(metrics, self._backend)
 
     def get_metrics_result(self) -> dict[str, Any]:
         """The metrics over every process's samples (what Keras shows and records)."""
         if self._backend.size == 1:
             return self.template.get_metrics_result()
-        results: dict[str, Any] = {}
-        for metric, result in zip(self.metrics, self.combined_results(self.metrics)):
-            if isinstance(result, dict):
-                results.update(result)
-            else:
-                results[metric.name] = result
-        if tf.executing_eagerly():
-            results = {
-                k: float(v) if np.ndim(v) == 0 else np.asarray(v) for k, v in results.items()
-            }
-        return results
-
-    def _exchange(
-        self, count: tf.Tensor, grads: Any, logs: Any, *, shares: bool = False
-    ) -> tuple[list[Any], Any]:
-        """The step's one collective: gradients, and logs that cover every process.
-
-        In the logs, a metric's result comes from the metrics' combined state;
-        another floating-point scalar is averaged over every process's samples.
-        """
-        if self._backend.size == 1:
-            return list(grads), logs
-        metrics = self.metrics
-        variables = [v for m in metrics for v in m.variables]
-        keyed = logs if isinstance(logs, dict) else {}
-        names = set(self.template.get_metrics_result()) if metrics else set()
-        rest = [
-            k
-            for k, v in keyed.items()
-            if k not in names and tf.is_tensor(v) and v.shape.rank == 0 and v.dtype.is_floating
-        ]
-        grads, state, means = self._backend.exchange(
-            count,
-            grads,
-            [v.value for v in variables],
-            [v.aggregation for v in variables],
-            [keyed[k] for k in rest],
-            shares=shares,
-        )
-        if not keyed:
-            return grads, logs
-        out = dict(keyed)
-        for metric, result in zip(metrics, _results_from_state(metrics, state)):
-            items = result.items() if isinstance(result, dict) else [(metric.name, result)]
-            out.update((k, v) for k, v in items if k in keyed)
-        out.update(zip(rest, means))
-        return grads, out
+        return results.metrics_result(self.metrics, self._backend)
 
     # -- several processes: one progress bar, one writer, agreed step counts ---
 
@@ -317,7 +264,7 @@ class ReplicatedModel(keras.Model):
         - only rank 0 shows the progress bar and runs the callbacks that
           write files (`ModelCheckpoint`, `TensorBoard`, `CSVLogger`).
         """
-        call = _bind(keras.Model.fit, self, args, kwargs)
+        call = processes.bind(keras.Model.fit, self, args, kwargs)
         if self._backend.size == 1:
             return super().fit(**call)
         with processes.failures(self._backend):
@@ -327,7 +274,7 @@ class ReplicatedModel(keras.Model):
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         """As `keras.Model.evaluate`; across processes the results cover every process."""
-        call = _bind(keras.Model.evaluate, self, args, kwargs)
+        call = processes.bind(keras.Model.evaluate, self, args, kwargs)
         if self._backend.size == 1:
             return super().evaluate(**call)
         with processes.failures(self._backend, during="evaluate"):
@@ -338,7 +285,7 @@ class ReplicatedModel(keras.Model):
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
         """As `keras.Model.predict`, on this process's data; only rank 0 shows progress."""
-        call = _bind(keras.Model.predict, self, args, kwargs)
+        call = processes.bind(keras.Model.predict, self, args, kwargs)
         if not self._backend.is_chief:
             call["verbose"] = 0
         return super().predict(**call)
@@ -358,12 +305,12 @@ class ReplicatedModel(keras.Model):
         crash while writing leaves the previous file (a `ModelCheckpoint`) intact.
         """
         if self._backend.is_chief:
-            _atomically(self.template.save, filepath, *args, **kwargs)
+            writers.atomically(self.template.save, filepath, *args, **kwargs)
 
     def save_weights(self, filepath: Any, *args: Any, **kwargs: Any) -> None:
         """Saves the template's weights on the chief process only, atomically as `save`."""
         if self._backend.is_chief:
-            _atomically(self.template.save_weights, filepath, *args, **kwargs)
+            writers.atomically(self.template.save_weights, filepath, *args, **kwargs)
 
     def load_weights(self, filepath: Any, *args: Any, **kwargs: Any) -> None:
         """Loads weights saved from the template (or from an unreplicated model)."""
@@ -374,45 +321,6 @@ class ReplicatedModel(keras.Model):
             "A ReplicatedModel is not serialised itself; save `model.template` "
             "(what `model.save` does) and replicate it again after loading."
         )
-
-
-def _results_from_state(metrics: Sequence[keras.metrics.Metric], state: Sequence[Any]) -> list:
-    """Each metric's result from `state`: its variables' values, metric after metric."""
-    results, start = [], 0
-    for metric in metrics:
-        count = len(metric.variables)
-        results.append(metric.stateless_result(list(state[start : start + count])))
-        start += count
-    return results
-
-
-def _atomically(write: Callable[..., None], filepath: Any, *args: Any, **kwargs: Any) -> None:
-    """Writes through `write` to a temporary name beside `filepath`, then renames it."""
-    path = str(filepath)
-    suffix = next((s for s in (".weights.h5", ".keras", ".h5") if path.endswith(s)), None)
-    if suffix is None or "://" in path:  # not a local file Keras names by suffix
-        write(filepath, *args, **kwargs)
-        return
-    if kwargs.get("overwrite", True) is False and os.path.exists(path):
-        write(filepath, *args, **kwargs)  # Keras asks before overwriting
-        return
-    folder, name = os.path.split(path)
-    staging = os.path.join(folder, f".{name[: -len(suffix)]}.partial-{os.getpid()}{suffix}")
-    try:
-        write(staging, *args, **kwargs)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
-
-
-def _bind(method: Callable[..., Any], model: keras.Model, args: tuple, kwargs: dict) -> dict:
-    bound = inspect.signature(method).bind(model, *args, **kwargs)
-    bound.apply_defaults()
-    call = dict(bound.arguments)
-    call.pop("self")
-    call.update(call.pop("kwargs", {}))
-    return call
 
 
 def replicate(

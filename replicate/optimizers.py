@@ -14,6 +14,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from replicate import _keras_compat
+
 KINDS = ("sgd", "momentum", "adam", "rmsprop", "adagrad")
 
 # Keras-like defaults per kind (the names Keras' own optimizers use).
@@ -36,34 +38,15 @@ def _from_tf_optimizer(optimizer: tf.compat.v1.train.Optimizer) -> tuple[str, di
     """The kind and hyperparameters of a `tf.compat.v1.train` optimizer."""
     v1 = tf.compat.v1.train
     # Exact classes first: MomentumOptimizer is not a subclass of the others.
-    if isinstance(optimizer, v1.AdamOptimizer):
-        return "adam", {
-            "learning_rate": optimizer._lr,
-            "beta_1": optimizer._beta1,
-            "beta_2": optimizer._beta2,
-            "epsilon": optimizer._epsilon,
-        }
-    if isinstance(optimizer, v1.MomentumOptimizer):
-        return "momentum", {
-            "learning_rate": optimizer._learning_rate,
-            "momentum": optimizer._momentum,
-            "nesterov": optimizer._use_nesterov,
-        }
-    if isinstance(optimizer, v1.RMSPropOptimizer):
-        return "rmsprop", {
-            "learning_rate": optimizer._learning_rate,
-            "rho": optimizer._decay,
-            "momentum": optimizer._momentum,
-            "epsilon": optimizer._epsilon,
-            "centered": optimizer._centered,
-        }
-    if isinstance(optimizer, v1.AdagradOptimizer):
-        return "adagrad", {
-            "learning_rate": optimizer._learning_rate,
-            "initial_accumulator_value": optimizer._initial_accumulator_value,
-        }
-    if isinstance(optimizer, v1.GradientDescentOptimizer):
-        return "sgd", {"learning_rate": optimizer._learning_rate}
+    for cls, kind in (
+        (v1.AdamOptimizer, "adam"),
+        (v1.MomentumOptimizer, "momentum"),
+        (v1.RMSPropOptimizer, "rmsprop"),
+        (v1.AdagradOptimizer, "adagrad"),
+        (v1.GradientDescentOptimizer, "sgd"),
+    ):
+        if isinstance(optimizer, cls):
+            return kind, _keras_compat.native_hyperparameters(optimizer, cls.__name__)
     raise TypeError(
         "NativeOptimizer wraps GradientDescentOptimizer, MomentumOptimizer, AdamOptimizer, "
         "RMSPropOptimizer or AdagradOptimizer from tf.compat.v1.train. Received: "

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import tensorflow as tf
-from keras.src.backend.common import masking  # Keras has no public mask accessor
 
 Grad = tf.Tensor | tf.IndexedSlices | None
 
@@ -81,45 +80,14 @@ def tower_slices(structure: Any, n: int, *, sizes: tf.Tensor | None = None) -> S
     return Slices(parts, sizes, tf.cast(sizes > 0, tf.float32))
 
 
-def keep(structure: Any, size: tf.Tensor) -> Any:
-    """The first `size` rows of every tensor (a tower's real outputs), masks kept."""
-
-    def head(t):
-        if t is None or not tf.is_tensor(t) or t.shape.rank == 0:
-            return t
-        out = t[:size]
-        mask = masking.get_keras_mask(t)
-        if mask is not None:
-            masking.set_keras_mask(out, mask[:size])
-        return out
-
-    return tf.nest.map_structure(head, structure)
-
-
-def merge(tower_outputs: Sequence[Any]) -> Any:
-    """Concatenates per-tower outputs (any nesting) along axis 0, Keras masks too."""
-    if len(tower_outputs) == 1:
-        return tower_outputs[0]
-
-    def concat(*ts):
-        if ts[0] is None:
-            return None
-        merged = tf.concat(ts, axis=0)
-        masks = [masking.get_keras_mask(t) for t in ts]
-        if all(m is not None for m in masks):  # the same model made every tower's
-            masking.set_keras_mask(merged, tf.concat(masks, axis=0))
-        return merged
-
-    return tf.nest.map_structure(concat, *tower_outputs)
-
-
 def tower_weights(sizes: tf.Tensor, dtype: tf.DType = tf.float32) -> tf.Tensor:
     """Each tower's share of the batch, `sizes / sum(sizes)` (zeros for an empty batch)."""
     sizes = tf.cast(sizes, dtype)
     return tf.math.divide_no_nan(sizes, tf.reduce_sum(sizes))
 
 
-def _scale(value: Grad, weight: tf.Tensor) -> Grad:
+def scale(value: Grad, weight: tf.Tensor) -> Grad:
+    """`value * weight`, exactly 0 where `weight` is 0 (dense, `IndexedSlices` or `None`)."""
     # multiply_no_nan gives exactly 0 for an empty tower, even where that
     # tower's values came out NaN.
     if value is None:
@@ -163,8 +131,8 @@ def weighted_sum(per_tower: Sequence[Sequence[Grad]], weights: tf.Tensor) -> lis
         One value per position; `None` where every tower had `None`.
     """
     if len(per_tower) == 1:
-        return [_scale(v, weights[0]) if v is not None else None for v in per_tower[0]]
-    scaled = [[_scale(v, weights[i]) for v in values] for i, values in enumerate(per_tower)]
+        return [scale(v, weights[0]) if v is not None else None for v in per_tower[0]]
+    scaled = [[scale(v, weights[i]) for v in values] for i, values in enumerate(per_tower)]
     return [add(list(column)) for column in zip(*scaled)]
 
 

@@ -40,6 +40,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from replicate import _keras_compat
+
 Merge = Callable[[list[Any]], list[Any]]
 
 
@@ -55,11 +57,11 @@ class TowerContext(tf.distribute.ReplicaContext):
     itself.
     """
 
-    def __init__(self, group: TowerGroup, index: int) -> None:
+    def __init__(self, group: TowerGroup, index: int, thread: _TowerThread | None = None) -> None:
         super().__init__(tf.distribute.get_strategy(), replica_id_in_sync_group=index)
         self.group = group
         self.index = index
-        self._thread: _TowerThread | None = None
+        self._thread = thread
 
     @property
     def device(self) -> str:
@@ -188,27 +190,24 @@ class _OuterContext:
     _KERAS_STATE = ("dtype_policy", "global_seed_generator", "global_random_seed")
 
     def __init__(self) -> None:
-        from keras.src.backend.common import global_state
-
-        self._global_state = global_state
         self.eager = tf.executing_eagerly()
         self.graph = None if self.eager else tf.compat.v1.get_default_graph()
         self.name_scope = "" if self.graph is None else self.graph.get_name_scope()
         # tf.function's tracing installs variable creators per thread; a
         # tower thread must create (or refuse) variables as the caller does.
-        self.creators = None if self.graph is None else self.graph._variable_creator_stack
-        self.keras = {name: global_state.get_global_attribute(name) for name in self._KERAS_STATE}
+        self.creators = None if self.graph is None else _keras_compat.variable_creators(self.graph)
+        self.keras = {name: _keras_compat.get_global_attribute(name) for name in self._KERAS_STATE}
 
     @contextlib.contextmanager
     def enter(self):
         for name, value in self.keras.items():
             if value is not None:
-                self._global_state.set_global_attribute(name, value)
+                _keras_compat.set_global_attribute(name, value)
         if self.graph is None:
             yield
             return
         with self.graph.as_default():
-            self.graph._variable_creator_stack = self.creators
+            _keras_compat.set_variable_creators(self.graph, self.creators)
             if self.name_scope:
                 with self.graph.name_scope(self.name_scope + "/"):
                     yield
@@ -253,8 +252,7 @@ class TowerGroup:
     @contextlib.contextmanager
     def scope(self, index: int, *, thread: _TowerThread | None = None):
         """Device, name scope and replica context of tower `index`."""
-        context = TowerContext(self, index)
-        context._thread = thread
+        context = TowerContext(self, index, thread)
         with tf.device(self.devices[index]), tf.name_scope(f"tower_{index}"), context:
             yield context
 

@@ -30,6 +30,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from replicate import _keras_compat
+
 LATEST = "latest.json"
 
 
@@ -167,8 +169,8 @@ class ProcessBackup(keras.callbacks.Callback):
                 variable.assign(value)
         self.backend.broadcast_variables(variables, root_rank=0)
         epoch, batches = int(header[1]), int(header[2])
-        self.model._initial_epoch = epoch
-        self.model._skip_batches = batches
+        _keras_compat.set_initial_epoch(self.model, epoch)
+        self.model.skip_batches = batches
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self._epoch = epoch
@@ -189,7 +191,7 @@ class ProcessBackup(keras.callbacks.Callback):
             self._save(epoch + 1, 0)
 
     def on_train_end(self, logs: Any = None) -> None:
-        self.model._initial_epoch = None
+        _keras_compat.set_initial_epoch(self.model, None)
         self.backend.barrier()  # every process has finished
         if self.delete_checkpoint and self.backend.is_chief and self.backup_dir.exists():
             shutil.rmtree(self.backup_dir)

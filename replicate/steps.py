@@ -37,9 +37,10 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from replicate import reduce
-from replicate.builder import apply_gradients
+from replicate import _keras_compat, reduce
+from replicate import merge as _merge
 from replicate.replica import TowerContext, TowerGroup
+from replicate.state import apply_gradients
 
 STEPS = ("train_step", "test_step", "predict_step")
 
@@ -122,7 +123,7 @@ class _Routing:
             variables = (
                 list(trainable_variables)
                 if trainable_variables is not None
-                else list(optimizer._trainable_variables)
+                else _keras_compat.optimizer_variables(optimizer)
             )
             return context.meet(
                 f"{optimizer.name}.apply",
@@ -179,7 +180,7 @@ class TowerRun:
         with tf.device(self.builder.variable_device):
             self.count = reduce.batch_size(x)
             # Prediction talks to no other process; training and evaluation do.
-            self.share = parallel._share(self.count) if collective else None
+            self.share = parallel.share(self.count) if collective else None
             weights = self.slices.weights
             self.omega = weights if self.share is None else weights * self.share
         self.group: TowerGroup = self.builder.group(
@@ -218,8 +219,8 @@ class TowerRun:
         scopes = [(r[1], r[2]) for r in results]
         if step == "predict_step":
             with tf.device(self.builder.variable_device):
-                kept = [reduce.keep(o, self.slices.sizes[i]) for i, o in enumerate(outputs)]
-                return reduce.merge(kept)
+                kept = [_merge.keep(o, self.slices.sizes[i]) for i, o in enumerate(outputs)]
+                return _merge.merge(kept)
         with tf.device(self.builder.variable_device):
             self._write_state(state_variables, state, scopes)
             return self._logs(outputs, routing.results)
@@ -231,7 +232,7 @@ class TowerRun:
             [self._changed(scope, v, initial.get(id(v))) for v in state_variables]
             for scope, initial in scopes
         ]
-        self.builder._write_state(state_variables, per_tower, state, self.slices)
+        self.builder.write_state(state_variables, per_tower, state, self.slices)
         metric_variables = [v for m in self.model.metrics for v in m.variables]
         known = {id(v) for v in metric_variables} | {id(v) for v in state_variables}
         for scope, _ in scopes:
@@ -240,7 +241,7 @@ class TowerRun:
             [self._changed(scope, v, None) for v in metric_variables] for scope, _ in scopes
         ]
         old = [tf.convert_to_tensor(v.value) for v in metric_variables]
-        self.builder._write_state(metric_variables, per_tower, old, self.slices, processes=False)
+        self.builder.write_state(metric_variables, per_tower, old, self.slices, processes=False)
 
     @staticmethod
     def _changed(scope: keras.StatelessScope, variable: Any, initial: Any) -> Any:

@@ -1,10 +1,10 @@
-"""The pure tensor functions: splitting, merging, weighted sums, state by aggregation."""
+"""The pure tensor functions: splitting, weighted sums, state by aggregation."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from replicate import reduce
+from replicate import merge, reduce
 
 
 @pytest.mark.parametrize(
@@ -28,7 +28,7 @@ def test_tower_slices_keep_nesting_and_none():
     assert slices.parts[1]["a"].numpy().tolist() == [4, 5, 6]
     assert slices.parts[2]["b"].shape == (3, 2)
     assert slices.parts[0]["c"] is None
-    merged = reduce.merge(slices.parts)
+    merged = merge.merge(slices.parts)
     np.testing.assert_array_equal(merged["b"].numpy(), x["b"].numpy())
 
 
@@ -38,23 +38,13 @@ def test_no_tower_gets_an_empty_slice():
     assert slices.sizes.numpy().tolist() == [1, 1, 0, 0]
     assert [p.numpy().tolist() for p in slices.parts] == [[[1.0]], [[2.0]], [[2.0]], [[2.0]]]
     assert slices.present.numpy().tolist() == [1.0, 1.0, 0.0, 0.0]
-    kept = [reduce.keep(p, slices.sizes[i]) for i, p in enumerate(slices.parts)]
-    assert reduce.merge(kept).numpy().tolist() == [[1.0], [2.0]]
+    kept = [merge.keep(p, slices.sizes[i]) for i, p in enumerate(slices.parts)]
+    assert merge.merge(kept).numpy().tolist() == [[1.0], [2.0]]
     # An empty batch: a row of zeros (empty strings) stands in everywhere.
     empty = reduce.tower_slices({"n": tf.zeros((0, 3)), "s": tf.constant([], tf.string)}, 2)
     assert empty.parts[1]["n"].numpy().tolist() == [[0.0, 0.0, 0.0]]
     assert empty.parts[0]["s"].numpy().tolist() == [b""]
     assert empty.present.numpy().tolist() == [0.0, 0.0]
-
-
-def test_merge_concatenates_keras_masks():
-    from keras.src.backend.common import masking
-
-    parts = [tf.ones((2, 3)), tf.zeros((1, 3))]
-    masking.set_keras_mask(parts[0], tf.constant([[True, True, False]] * 2))
-    masking.set_keras_mask(parts[1], tf.constant([[True, False, False]]))
-    mask = masking.get_keras_mask(reduce.merge(parts))
-    assert mask.numpy().tolist() == [[True, True, False]] * 2 + [[True, False, False]]
 
 
 @pytest.mark.parametrize(

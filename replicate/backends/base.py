@@ -16,6 +16,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from replicate.watchdog import Watchdog
+
 COMPRESSIONS = ("none", "fp16")
 DEFAULT_HANG_TIMEOUT = 120.0
 
@@ -33,7 +35,7 @@ class Backend:
         hang_timeout: Seconds a process may spend outside the collective
             steps (callbacks, data loading) while the others wait, before it
             is stopped so that the job ends instead of hanging
-            (`replicate.processes.Watchdog`). Defaults to the
+            (`replicate.watchdog.Watchdog`). Defaults to the
             `REPLICATE_HANG_TIMEOUT` environment variable, else 120; 0 turns
             it off.
 
@@ -65,11 +67,9 @@ class Backend:
         self._watchdog = None
 
     @property
-    def watchdog(self) -> Any:
-        """This process's `replicate.processes.Watchdog`."""
+    def watchdog(self) -> Watchdog:
+        """This process's `replicate.watchdog.Watchdog`."""
         if self._watchdog is None:
-            from replicate.processes import Watchdog
-
             self._watchdog = Watchdog(self.rank, self.size, self.hang_timeout)
         return self._watchdog
 

@@ -24,12 +24,8 @@ import threading
 from typing import Any
 
 import tensorflow as tf
-from tensorflow.core.protobuf import tensorflow_server_pb2
-from tensorflow.python.eager import context
-from tensorflow.python.framework import errors
-from tensorflow.python.ops import collective_ops
-from tensorflow.python.training import server_lib
 
+from replicate import _keras_compat
 from replicate import cluster as cluster_lib
 from replicate.backends.base import Backend
 
@@ -58,14 +54,8 @@ def _start(cluster: cluster_lib.Cluster) -> None:
                 "to one cluster."
             )
         return
-    job, index = cluster.task
-    ctx = context.context()
     try:
-        ctx.configure_collective_ops(
-            collective_leader=cluster.leader,
-            scoped_allocator_enabled_ops=("CollectiveReduce",),
-            device_filters=(f"/job:{job}/task:{index}",),
-        )
+        _keras_compat.configure_collectives(leader=cluster.leader, task=cluster.task)
     except RuntimeError as error:
         raise RuntimeError(
             "backend='collective' must be set up before TensorFlow starts (before the "
@@ -74,14 +64,7 @@ def _start(cluster: cluster_lib.Cluster) -> None:
             "at the top of the program (after `replicate.simulate_devices(n)`, if you "
             "use it), then pass `backend=backend` to `replicate.replicate`."
         ) from error
-    server_def = tensorflow_server_pb2.ServerDef(
-        cluster=server_lib.ClusterSpec(cluster.jobs).as_cluster_def(),
-        job_name=job,
-        task_index=index,
-        protocol="grpc",
-        default_session_config=ctx.config,
-    )
-    ctx.enable_collective_ops(server_def)
+    _keras_compat.enable_collectives(cluster.jobs, cluster.task)
     _STARTED.update(
         addresses=list(cluster.addresses),
         rank=cluster.rank,
@@ -182,13 +165,12 @@ class CollectiveBackend(Backend):
         # NCCL reduces GPU tensors only; CPU tensors (metric state, counts) take the ring.
         hint = "ring" if self.communication == "nccl" and not on_gpu else self.communication
         with tf.device(device):
-            return collective_ops.all_reduce_v2(
+            return _keras_compat.all_reduce(
                 tensor,
                 group_size=self.size,
                 group_key=2 if on_gpu else 1,  # a group holds one device type
                 instance_key=self._key(),
                 merge_op=merge_op,
-                final_op="Id",
                 communication_hint=hint,
                 timeout=timeout,
             )
@@ -207,7 +189,7 @@ class CollectiveBackend(Backend):
     def _is_lost_peer(self, error: BaseException) -> bool:
         return isinstance(
             error,
-            (errors.UnavailableError, errors.DeadlineExceededError, errors.AbortedError),
+            (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError),
         ) or "Collective ops is aborted" in str(error)
 
     def _lost_peer_hint(self) -> str:
@@ -221,7 +203,7 @@ class CollectiveBackend(Backend):
         found = re.search(r"process \d+ of \d+ \([^)]*\) is down", str(error))
         if found:
             return found.group(0)
-        if isinstance(error, errors.DeadlineExceededError):
+        if isinstance(error, tf.errors.DeadlineExceededError):
             return (
                 f"not every process of the cluster started within {self.startup_timeout:g} s "
                 "(startup_timeout=, REPLICATE_STARTUP_TIMEOUT)"
@@ -249,18 +231,16 @@ class CollectiveBackend(Backend):
             for rank, device in peers:
                 for attempt in range(3):
                     try:
-                        context.context().check_collective_ops_peer_health(
-                            device, timeout_in_ms=10_000
-                        )
+                        _keras_compat.check_peer_health(device, timeout_in_ms=10_000)
                         break
                     except (
-                        errors.UnavailableError,
-                        errors.FailedPreconditionError,
-                        errors.DeadlineExceededError,
+                        tf.errors.UnavailableError,
+                        tf.errors.FailedPreconditionError,
+                        tf.errors.DeadlineExceededError,
                     ):
                         if attempt == 2:
-                            context.context().abort_collective_ops(
-                                errors.UNAVAILABLE,
+                            _keras_compat.abort_collectives(
+                                tf.errors.UNAVAILABLE,
                                 f"replicate: process {rank} of {self.size} "
                                 f"({self.cluster.addresses[rank]}) is down",
                             )

@@ -152,7 +152,8 @@ def run(args) -> dict[str, Any]:
                 for k, v in times.items()
             },
         }
-    report.write(payload, Path(args.output))
+    markdown = precision_markdown if args.command == "precision" else consistency_markdown
+    report.write(payload, Path(args.output), markdown)
     return payload
 
 

@@ -192,5 +192,5 @@ def run(args) -> dict[str, Any]:
         ],
         "gpu_telemetry": monitor.summary(),
     }
-    report.write(payload, Path(args.output))
+    report.write(payload, Path(args.output), report.optimizers_markdown, report.optimizers_chart)
     return payload

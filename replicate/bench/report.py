@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +17,21 @@ def _pair(by: dict[tuple, dict[str, Any]], a: tuple, b: tuple) -> str:
     return f"{median}x ({best}x)"
 
 
-def write(payload: dict[str, Any], output: Path) -> None:
-    """Writes `<benchmark>.json`, `.md` (and `.png` where there is a chart) into `output`."""
-    from replicate.bench import checks
+def write(
+    payload: dict[str, Any],
+    output: Path,
+    markdown: Callable[[dict[str, Any]], str],
+    chart: Callable[[dict[str, Any], Path], None] | None = None,
+) -> None:
+    """Writes `<benchmark>.json`, `.md` (and `.png` where there is a chart) into `output`.
 
+    Args:
+        payload: The results; `payload["benchmark"]` names the files.
+        output: The report folder (created if missing).
+        markdown: Makes the Markdown table from `payload`.
+        chart: Draws the PNG chart, if the benchmark has one.
+    """
     name = payload["benchmark"]
-    markdown, chart = {
-        "scaling": (scaling_markdown, scaling_chart),
-        "optimizers": (optimizers_markdown, optimizers_chart),
-        "precision": (checks.precision_markdown, None),
-        "consistency": (checks.consistency_markdown, None),
-    }[name]
     output.mkdir(parents=True, exist_ok=True)
     (output / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (output / f"{name}.md").write_text(markdown(payload))

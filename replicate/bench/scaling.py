@@ -176,7 +176,7 @@ def run(args) -> dict[str, Any]:
         "records": records,
         "gpu_telemetry": {name: r["gpus"] for name, r in results.items()},
     }
-    report.write(payload, Path(args.output))
+    report.write(payload, Path(args.output), report.scaling_markdown, report.scaling_chart)
     return payload
 
 
