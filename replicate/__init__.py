@@ -15,6 +15,7 @@ _LAZY = {
     "Backend": "replicate.backends",
     "ReplicaBuilder": "replicate.builder",
     "ReplicatedModel": "replicate.model",
+    "check": "replicate.checking",
     "get_backend": "replicate.backends",
     "is_chief": "replicate.cluster",
     "shard": "replicate.data",
@@ -29,6 +30,7 @@ __all__ = [
     "ReplicaBuilder",
     "ReplicatedModel",
     "__version__",
+    "check",
     "get_backend",
     "is_chief",
     "list_devices",
@@ -41,6 +43,7 @@ __all__ = [
 if TYPE_CHECKING:
     from replicate.backends import Backend, get_backend
     from replicate.builder import ReplicaBuilder
+    from replicate.checking import check
     from replicate.cluster import is_chief
     from replicate.data import shard
     from replicate.devices import list_devices, process_devices, simulate_devices
@@ -51,6 +54,7 @@ _SUBMODULES = (
     "backends",
     "builder",
     "callbacks",
+    "checking",
     "cluster",
     "data",
     "devices",

@@ -13,6 +13,7 @@ stack); the fallbacks named in each docstring cover older Keras 3 releases.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -162,6 +163,38 @@ def set_initial_epoch(model: keras.Model, epoch: int | None) -> None:
     """Makes the next `fit` start at `epoch` (what Keras' `BackupAndRestore` sets:
     `Trainer._initial_epoch`, Keras 3.0-3.15); `None` clears it."""
     model._initial_epoch = epoch
+
+
+def symbolic_build(model: keras.Model, data_batch: Any) -> None:
+    """Builds `model` (its layers, compiled loss and metrics, optimizer) from one batch,
+    as Keras' `fit` does before its first step (`Trainer._symbolic_build`, Keras 3.0-3.15)."""
+    model._symbolic_build(data_batch=data_batch)
+
+
+@contextlib.contextmanager
+def any_batch_size(layers: Sequence[keras.Layer]) -> Iterator[None]:
+    """Lets stateful RNN `layers` run on a tower's rows of their state.
+
+    A stateful RNN checks each batch's static size against the batch its
+    state was built for (`RNN._expected_batch_size`), and assigning its new
+    state checks the state variable's shape (`Variable._shape`); a tower
+    holds part of those rows. Both are relaxed for the duration (the batch
+    dimension becomes `None`) and restored after. Keras 3.0-3.15.
+    """
+    saved = []
+    for layer in layers:
+        variables = [v for v in tf.nest.flatten(layer.states) if isinstance(v, keras.Variable)]
+        saved.append((layer, layer._expected_batch_size, [(v, v._shape) for v in variables]))
+        layer._expected_batch_size = None
+        for v in variables:
+            v._shape = (None, *v._shape[1:])
+    try:
+        yield
+    finally:
+        for layer, expected, shapes in saved:
+            layer._expected_batch_size = expected
+            for v, shape in shapes:
+                v._shape = shape
 
 
 # -- TensorFlow graphs and native optimizers ----------------------------------
@@ -316,9 +349,14 @@ def verify() -> list[str]:
     optimizer = model.optimizer
     optimizer.build(model.trainable_variables)
     graph = tf.Graph()
+    rnn = keras.layers.SimpleRNN(1, stateful=True)
+    rnn.build((2, 1, 1))
     checks = [
+        ("RNN._expected_batch_size", lambda: rnn._expected_batch_size),
+        ("Variable._shape", lambda: rnn.states[0]._shape),
         ("keras global_state", lambda: _global_state().get_global_attribute),
         ("Model._compile_loss", lambda: model._compile_loss),
+        ("Trainer._symbolic_build", lambda: model._symbolic_build),
         ("Model._loss_tracker", lambda: model._loss_tracker),
         ("Layer._losses_override", lambda: model._losses_override),
         ("Layer._flatten_layers", lambda: model._flatten_layers),

@@ -1,23 +1,9 @@
 """ReplicaBuilder: one template model on the variable device, one tower per device.
 
-A training step, as data flows (`ReplicaBuilder.train`):
-
-1. The batch is cut into one non-empty slice per tower (`reduce.tower_slices`).
-2. Each tower, on its device, reads the weights, runs the forward pass
-   statelessly (state updates come back as values) and keeps its tape open.
-3. On the variable device the towers' outputs are concatenated (masks too)
-   and the loss is computed once, on the whole batch, exactly as one device
-   computes it; a small tape gives its gradient with respect to each tower's
-   outputs.
-4. Each tower, on its device, backpropagates its share of that gradient
-   through its own tape (`output_gradients`); the towers' gradients add up to
-   the single-device gradient.
-5. State updates (BatchNormalization statistics, counters) are combined by
-   each variable's `aggregation` and written once.
-
-With `BatchNormalization(synchronized=True)` in the model, steps 2 and 4 run
-in lockstep threads whose towers meet at each synchronized layer
-(`replicate.replica`).
+The facade over the step engine: `replicate.tower` (each tower's forward and
+backward pass on its device), `replicate.merge` (the merge and the loss, once,
+on the variable device) and `replicate.state` (what the towers wrote, combined
+and written once). `docs/architecture.md` draws one step through them.
 """
 
 from __future__ import annotations
@@ -28,11 +14,11 @@ from typing import Any, NamedTuple
 import keras
 import tensorflow as tf
 
-from replicate import _keras_compat, reduce, state
+from replicate import _keras_compat, reduce, state, tower_errors
 from replicate import merge as _merge
 from replicate.devices import canonical_device, validate_devices
 from replicate.replica import TowerGroup
-from replicate.tower import TowerPass
+from replicate.tower import TowerPass, row_states
 
 LossFn = Callable[..., tf.Tensor]
 
@@ -74,11 +60,14 @@ class ReplicaBuilder:
         backend: A process backend (`replicate.get_backend(...)`): tower seeds
             then differ between processes, and synchronized layers sum over
             every process's towers. Defaults to one process.
+        require_weights: Refuse a model that has no weights yet. `False` lets
+            it in (`ReplicatedModel` builds it at its first `fit`, as Keras
+            does); its passes raise until it has them. Defaults to `True`.
 
     Raises:
         TypeError: If `model` is not a Keras model (or a callable making one).
-        ValueError: If a device is missing or repeated, the model is not
-            built, or `jit_compile` is combined with synchronized layers.
+        ValueError: If a device is missing or repeated, the model has no
+            weights yet, or `jit_compile` is combined with synchronized layers.
 
     Example:
 
@@ -102,6 +91,7 @@ class ReplicaBuilder:
         variable_device: str = "/cpu:0",
         jit_compile: bool = False,
         backend: Any = None,
+        require_weights: bool = True,
     ) -> None:
         if jit_compile not in (True, False):
             raise ValueError(
@@ -122,18 +112,28 @@ class ReplicaBuilder:
                 "functional) or a zero-argument function that returns one. "
                 f"Received: model={model!r} of type {type(model).__name__}"
             )
-        if not model.built or not model.variables:
-            raise ValueError(
-                f"The model {model.name!r} must be built before it is replicated, "
-                "so that its weights exist once on the variable device. Give it "
-                "an `Input`, call `model.build(input_shape)`, or call it on a "
-                "batch first."
-            )
         self.model = model
         self.backend = backend
+        self._last_batch: tf.Variable | None = None
+        if require_weights:
+            self.require_weights()
         self.tower_pass = TowerPass(model)
-        self.state_writer = state.StateWriter(first_tower=self.global_tower(0), backend=backend)
+        self.state_writer = state.StateWriter(
+            model, first_tower=self.global_tower(0), backend=backend
+        )
         self.jit_compile = jit_compile
+
+    def require_weights(self) -> None:
+        """Raises `ValueError` if the model has no weights yet (see the class's Raises)."""
+        if not self.model.variables:
+            raise ValueError(
+                f"The model {self.model.name!r} has no weights yet, so they cannot live once "
+                "on the variable device: Keras creates a layer's weights on its first call. "
+                "Call the model once on a batch first (`model(x[:1])`), or start it with "
+                "`keras.Input`; a model with its own `train_step` is ready once the "
+                "sub-models it holds have weights. `replicate.replicate(model)` builds such a "
+                "model itself at its first `fit`, `evaluate` or `predict`, as Keras does."
+            )
 
     @property
     def jit_compile(self) -> bool:
@@ -246,9 +246,24 @@ class ReplicaBuilder:
     # -- the engine -----------------------------------------------------------
 
     def slices(self, structure: Any) -> reduce.Slices:
-        """`structure` cut into one non-empty slice per tower, on the variable device."""
+        """`structure` cut into one non-empty slice per tower, on the variable device.
+
+        The global batch's size is recorded as the slices are cut, so that an
+        error raised later, while a step runs, can say what each tower held.
+        """
         with tf.device(self.variable_device):
-            return reduce.tower_slices(structure, self.num_towers)
+            slices = reduce.tower_slices(structure, self.num_towers)
+            if self._last_batch is None:
+                with tf.init_scope():
+                    self._last_batch = tf.Variable(-1, trainable=False, dtype=tf.int32)
+            self._last_batch.assign(tf.reduce_sum(slices.sizes))
+            return slices
+
+    def describe_error(self, error: tf.errors.OpError) -> tf.errors.OpError | None:
+        """`error`, raised while a step ran, with what its tower held; `None` if no tower
+        of this builder raised it (see `replicate.tower_errors`)."""
+        batch = -1 if self._last_batch is None else int(self._last_batch.numpy())
+        return tower_errors.described(error, self.devices, None if batch < 0 else batch)
 
     def group(self, slices: reduce.Slices, **options: Any) -> TowerGroup:
         """The towers of one step; threaded where layers synchronize the towers."""
@@ -274,19 +289,49 @@ class ReplicaBuilder:
         with tf.device(self.variable_device):
             return [tf.convert_to_tensor(v.value) for v in self.model.non_trainable_variables]
 
-    def evaluate_pass(self, x: Any, merge: bool = True) -> tuple[Any, tf.Tensor | None]:
-        """Inference on each tower: the outputs (merged) and the model's own losses."""
-        slices = self.slices(x)
+    def forward_passes(self, group: TowerGroup, slices: reduce.Slices, training: bool, watch: bool):
+        """Every tower's forward pass, and the step's starting state values."""
+        self.require_weights()
         values = self._state_values()
-        towers = self.group(slices).run(
-            lambda i: self.tower_pass.forward(
-                self.global_tower(i), slices.parts[i], slices.sizes[i], values, False, watch=False
-            )
-        )
-        outputs = [t.outputs for t in towers]
+        row_variables = row_states(self.model)
         with tf.device(self.variable_device):
-            model_loss = _merge.combine_model_losses([t.model_loss for t in towers], slices.weights)
-            return (_merge.merge(outputs) if merge else outputs), model_loss
+            rows = reduce.tower_slices(
+                [v.value for v in row_variables], self.num_towers, sizes=slices.sizes
+            ).parts
+
+        def forward(i):
+            with tower_errors.describing(i, self.devices, slices.batch):
+                return self.tower_pass.forward(
+                    self.global_tower(i),
+                    slices.parts[i],
+                    slices.sizes[i],
+                    values,
+                    rows[i],
+                    training,
+                    watch=watch,
+                )
+
+        return group.run(forward), values
+
+    def evaluate_pass(
+        self, x: Any, merge: bool = True, *, processes: bool = False
+    ) -> tuple[Any, tf.Tensor | None]:
+        """Inference on each tower: the outputs (merged) and the model's own losses.
+
+        What the model writes in inference (a stateful RNN's state, a user's
+        counter) is written as on one device, combined over the towers; over
+        the processes too with `processes=True` (inside `evaluate`, a
+        collective step already).
+        """
+        slices = self.slices(x)
+        towers, values = self.forward_passes(self.group(slices), slices, False, False)
+        with tf.device(self.variable_device):
+            self._write(towers, values, slices, processes=processes)
+            model_loss = _merge.combine_model_losses(towers, slices.weights)
+            if not merge:
+                return [t.outputs for t in towers], model_loss
+            merged = _merge.merge([t.outputs for t in towers], [t.logits for t in towers])
+            return merged, model_loss
 
     def train_pass(
         self,
@@ -312,31 +357,47 @@ class ReplicaBuilder:
         """
         model = self.model
         slices = self.slices(x)
-        values = self._state_values()
         group = self.group(slices)
-        towers = group.run(
-            lambda i: self.tower_pass.forward(
-                self.global_tower(i), slices.parts[i], slices.sizes[i], values, True
-            )
-        )
+        towers, values = self.forward_passes(group, slices, True, True)
         loss = grads = None
         with tf.device(self.variable_device):
             if loss_of is not None:
-                result = _merge.loss_pass(towers, loss_of, slices.weights, share=share, scale=scale)
+                result = _merge.loss_pass(
+                    towers,
+                    loss_of,
+                    slices.weights,
+                    model.trainable_variables,
+                    share=share,
+                    scale=scale,
+                )
                 loss, merged = result.value, result.merged
             else:
-                merged = _merge.merge([t.outputs for t in towers])
+                merged = _merge.merge([t.outputs for t in towers], [t.logits for t in towers])
         if loss_of is not None:
             tower_grads = group.run(
                 lambda i: self.tower_pass.backward(towers[i], result.upstream[i], slices.present[i])
             )
             with tf.device(self.variable_device):
-                grads = [reduce.add(list(column)) for column in zip(*tower_grads)]
+                grads = [
+                    reduce.add([*column, direct])
+                    for *column, direct in zip(*tower_grads, result.direct)
+                ]
         with tf.device(self.variable_device):
-            self.write_state(
-                model.non_trainable_variables, [t.updates for t in towers], values, slices
-            )
+            self._write(towers, values, slices)
         return Step(loss, grads, merged, [t.outputs for t in towers], slices)
+
+    def _write(self, towers: list, values: list, slices: reduce.Slices, **options: Any) -> None:
+        """Writes what the towers wrote: state, trainable weights, rows of row-aligned state."""
+        model, writer = self.model, self.state_writer
+        writer.write(
+            model.non_trainable_variables, [t.updates for t in towers], values, slices, **options
+        )
+        if any(w is not None for t in towers for w in t.writes):
+            old = [tf.convert_to_tensor(v.value) for v in model.trainable_variables]
+            writer.write(
+                model.trainable_variables, [t.writes for t in towers], old, slices, **options
+            )
+        writer.write_rows(row_states(model), [t.rows for t in towers], slices)
 
     def write_state(
         self,

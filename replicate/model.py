@@ -8,7 +8,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from replicate import _keras_compat, processes, reduce, results, steps, writers
+from replicate import _keras_compat, building, checking, processes, reduce, results, steps, writers
 from replicate.backends import Backend, get_backend
 from replicate.builder import ReplicaBuilder
 from replicate.devices import process_devices
@@ -37,19 +37,27 @@ class ReplicatedModel(keras.Model):
         *,
         variable_device: str = "/cpu:0",
         backend: str | Backend = "local",
+        check: bool | str = True,
         **backend_options: Any,
     ) -> None:
+        if check not in checking.CHECKS:
+            raise ValueError(f"`check` must be True, False or 'strict'. Received: check={check!r}")
         distribution = get_backend(backend, **backend_options)
         if devices is None:
             devices = process_devices(distribution.local_rank, distribution.local_size)
         builder = ReplicaBuilder(
-            template, devices, variable_device=variable_device, backend=distribution
+            template,
+            devices,
+            variable_device=variable_device,
+            backend=distribution,
+            require_weights=False,  # built from the first batch (replicate.building)
         )
         super().__init__(name=f"replicated_{builder.model.name}")
         self.template = builder.model
         self._builder = builder
         self._backend = distribution
         self.skip_batches = 0
+        self.check = check  # the automatic check at the first fit (replicate.check)
         self.built = True
         if getattr(self.template, "compiled", False):
             self._adopt_compile()
@@ -124,7 +132,7 @@ class ReplicatedModel(keras.Model):
             jit_compile=False,
             auto_scale_loss=False,
         )
-        if optimizer is not None and not optimizer.built:
+        if optimizer is not None and not optimizer.built and template.variables:
             with tf.device(self.variable_device):
                 optimizer.build(template.trainable_variables)
 
@@ -134,7 +142,8 @@ class ReplicatedModel(keras.Model):
         return self._builder.call(inputs, training=bool(training))
 
     def compute_output_spec(self, inputs: Any, training: bool = False) -> Any:
-        return self.template.compute_output_spec(inputs)
+        with tf.device(self.variable_device):  # where a template still unbuilt is built
+            return self.template.compute_output_spec(inputs)
 
     def share(self, count: tf.Tensor) -> tf.Tensor | None:
         """This process's share of the global batch; `None` for one process."""
@@ -196,7 +205,7 @@ class ReplicatedModel(keras.Model):
             return steps.run(self, "test_step", data)
         template = self.template
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y_pred, model_loss = self._builder.evaluate_pass(x)
+        y_pred, model_loss = self._builder.evaluate_pass(x, processes=True)
         with tf.device(self.variable_device):
             loss = self._batch_loss(x, y, y_pred, sample_weight, model_loss, training=False)
             count = reduce.batch_size(x)
@@ -213,31 +222,20 @@ class ReplicatedModel(keras.Model):
     def make_train_function(self, force: bool = False) -> Any:
         if self.train_function is None or force:
             super().make_train_function(force=True)
-            self.train_function = self._marked(self.train_function, skip=True)
+            self.train_function = processes.step_function(self, self.train_function, skip=True)
         return self.train_function
 
     def make_test_function(self, force: bool = False) -> Any:
         if self.test_function is None or force:
             super().make_test_function(force=True)
-            self.test_function = self._marked(self.test_function, skip=False)
+            self.test_function = processes.step_function(self, self.test_function, skip=False)
         return self.test_function
 
-    def _marked(self, function: Callable[[Any], Any], *, skip: bool) -> Callable[[Any], Any]:
-        """`function` (one execution of steps) marked for the watchdog; across
-        processes a step is made of collectives. For training, it first passes
-        over the batches a restored backup had already trained on."""
-        watchdog = self._backend.watchdog
-
-        def marked(iterator):
-            if skip and self.skip_batches > 0:
-                for _ in range(min(self.skip_batches, self.steps_per_execution)):
-                    next(iterator)
-                    self.skip_batches -= 1
-                return {}
-            with watchdog.waiting():
-                return function(iterator)
-
-        return marked
+    def make_predict_function(self, force: bool = False) -> Any:
+        if self.predict_function is None or force:
+            super().make_predict_function(force=True)
+            self.predict_function = processes.step_function(self, self.predict_function, skip=False)
+        return self.predict_function
 
     def combined_results(self, metrics: Sequence[keras.metrics.Metric]) -> list[Any]:
         """Each metric's result over every process's samples (one collective for all).
@@ -265,6 +263,9 @@ class ReplicatedModel(keras.Model):
           write files (`ModelCheckpoint`, `TensorBoard`, `CSVLogger`).
         """
         call = processes.bind(keras.Model.fit, self, args, kwargs)
+        building.ensure_weights(self.template, self._builder, call)
+        checking.at_first_fit(self, call, self.check)
+        self.check = False  # once
         if self._backend.size == 1:
             return super().fit(**call)
         with processes.failures(self._backend):
@@ -275,6 +276,7 @@ class ReplicatedModel(keras.Model):
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         """As `keras.Model.evaluate`; across processes the results cover every process."""
         call = processes.bind(keras.Model.evaluate, self, args, kwargs)
+        building.ensure_weights(self.template, self._builder, call)
         if self._backend.size == 1:
             return super().evaluate(**call)
         with processes.failures(self._backend, during="evaluate"):
@@ -286,6 +288,7 @@ class ReplicatedModel(keras.Model):
     def predict(self, *args: Any, **kwargs: Any) -> Any:
         """As `keras.Model.predict`, on this process's data; only rank 0 shows progress."""
         call = processes.bind(keras.Model.predict, self, args, kwargs)
+        building.ensure_weights(self.template, self._builder, call)
         if not self._backend.is_chief:
             call["verbose"] = 0
         return super().predict(**call)
@@ -329,6 +332,7 @@ def replicate(
     *,
     variable_device: str = "/cpu:0",
     backend: str | Backend = "local",
+    check: bool | str = True,
     **backend_options: Any,
 ) -> ReplicatedModel:
     """Makes `model` train data-parallel over several devices.
@@ -346,6 +350,10 @@ def replicate(
         backend: `"local"` (one process), `"horovod"` (processes launched by
             `horovodrun`) or `"collective"` (TensorFlow's collective runtime,
             processes launched by `replicate launch` or given `TF_CONFIG`).
+        check: At the start of the first `fit`, compare a few samples through
+            the towers with one device (`replicate.check`) and warn, naming
+            the cause, if they differ. `False` turns it off, `"strict"`
+            raises `ValueError` instead of warning. Defaults to `True`.
         **backend_options: Options of the backend, e.g. `compression="fp16"`.
 
     Returns:
@@ -355,7 +363,8 @@ def replicate(
 
     Raises:
         TypeError: If `model` is not a Keras model.
-        ValueError: For missing or repeated devices, or an unknown backend.
+        ValueError: For missing or repeated devices, an unknown backend or a
+            `check` other than True, False or "strict".
 
     Example:
 
@@ -367,5 +376,10 @@ def replicate(
     ```
     """
     return ReplicatedModel(
-        model, devices, variable_device=variable_device, backend=backend, **backend_options
+        model,
+        devices,
+        variable_device=variable_device,
+        backend=backend,
+        check=check,
+        **backend_options,
     )

@@ -222,3 +222,33 @@ def failures(backend: Any, *, during: str = "fit"):
                 "on this process's devices alone with `parallel.template.evaluate(...)`."
             )
         raise RuntimeError(message) from error
+
+
+def step_function(
+    parallel: Any, function: Callable[[Any], Any], *, skip: bool
+) -> Callable[[Any], Any]:
+    """`function` (one execution of Keras' steps) as a replicated model runs it.
+
+    It is marked for the watchdog (across processes a step is made of
+    collectives); an error raised inside a tower says which tower and what it
+    held (`replicate.tower_errors`); for training (`skip`), it first passes
+    over the batches a restored backup had already trained on.
+    """
+    watchdog = parallel.backend.watchdog
+
+    def marked(iterator):
+        if skip and parallel.skip_batches > 0:
+            for _ in range(min(parallel.skip_batches, parallel.steps_per_execution)):
+                next(iterator)
+                parallel.skip_batches -= 1
+            return {}
+        try:
+            with watchdog.waiting():
+                return function(iterator)
+        except tf.errors.OpError as error:
+            described = parallel.builder.describe_error(error)
+            if described is None:
+                raise
+            raise described from error
+
+    return marked

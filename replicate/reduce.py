@@ -1,4 +1,5 @@
-"""Pure tensor functions: split a batch over towers, merge and combine what comes back."""
+"""Pure tensor functions: split a batch over towers (dense, ragged or sparse), weigh and
+combine what comes back."""
 
 from __future__ import annotations
 
@@ -10,10 +11,18 @@ import tensorflow as tf
 Grad = tf.Tensor | tf.IndexedSlices | None
 
 
+def rows(t: Any) -> tf.Tensor:
+    """The (dynamic) size of axis 0 of a dense, ragged or sparse tensor, as int32."""
+    if isinstance(t, tf.RaggedTensor):
+        return tf.cast(t.nrows(), tf.int32)
+    if isinstance(t, tf.SparseTensor):
+        return tf.cast(t.dense_shape[0], tf.int32)
+    return tf.shape(t, out_type=tf.int32)[0]
+
+
 def batch_size(structure: Any) -> tf.Tensor:
     """Returns the (dynamic) size of axis 0 of the first tensor in `structure`."""
-    first = next(t for t in tf.nest.flatten(structure) if t is not None)
-    return tf.shape(first, out_type=tf.int32)[0]
+    return rows(next(t for t in tf.nest.flatten(structure) if t is not None))
 
 
 def split_sizes(size: tf.Tensor | int, n: int) -> tf.Tensor:
@@ -31,12 +40,19 @@ def split_sizes(size: tf.Tensor | int, n: int) -> tf.Tensor:
     return base + extra
 
 
+def split_counts(size: int, n: int) -> list[int]:
+    """`split_sizes` in plain Python, for a batch size known when tracing."""
+    base, extra = divmod(size, n)
+    return [base + (1 if i < extra else 0) for i in range(n)]
+
+
 class Slices(NamedTuple):
     """A global batch cut into one non-empty slice per tower."""
 
     parts: list[Any]  # one structure per tower, each with at least one row
     sizes: tf.Tensor  # int32 (towers,): the real samples of each slice
     present: tf.Tensor  # float32 (towers,): 1 where a slice holds real samples
+    batch: int | None = None  # the global batch's size, where known when tracing
 
     @property
     def weights(self) -> tf.Tensor:
@@ -58,26 +74,62 @@ def tower_slices(structure: Any, n: int, *, sizes: tf.Tensor | None = None) -> S
         n: The number of towers.
         sizes: Slice sizes; defaults to `split_sizes(batch, n)`.
     """
+    first = next((t for t in tf.nest.flatten(structure) if t is not None), None)
+    static = None if first is None or sizes is not None else first.shape[0]
     if sizes is None:
         sizes = split_sizes(batch_size(structure), n)
     starts = tf.cumsum(sizes, exclusive=True)
     total = tf.reduce_sum(sizes)
-    rows = [tf.range(starts[i], starts[i] + tf.maximum(sizes[i], 1)) for i in range(n)]
+    counts = [tf.maximum(sizes[i], 1) for i in range(n)]
 
     def cut(t):
         if t is None:
             return [None] * n
-        t = tf.convert_to_tensor(t)
-        # An empty batch gets one row of zeros (empty strings) to stand in.
-        filler = tf.zeros if t.dtype != tf.string else (lambda s, d: tf.fill(s, ""))
-        stand_in = filler(tf.concat([[1], tf.shape(t)[1:]], 0), t.dtype)
-        source = tf.cond(total > 0, lambda: t, lambda: stand_in)
-        last = tf.shape(source, out_type=tf.int32)[0] - 1
-        return [tf.gather(source, tf.minimum(r, last)) for r in rows]
+        if isinstance(t, tf.SparseTensor):
+            return _cut_sparse(t, starts, counts)
+        if not isinstance(t, tf.RaggedTensor):
+            t = tf.convert_to_tensor(t)
+        # An empty batch gets one row of zeros (empty strings, an empty ragged
+        # row) to stand in.
+        source = tf.cond(total > 0, lambda: t, lambda: _stand_in(t))
+        last = rows(source) - 1
+        return [
+            tf.gather(source, tf.minimum(tf.range(starts[i], starts[i] + counts[i]), last))
+            for i in range(n)
+        ]
 
     flat = [cut(t) for t in tf.nest.flatten(structure)]
     parts = [tf.nest.pack_sequence_as(structure, [f[i] for f in flat]) for i in range(n)]
-    return Slices(parts, sizes, tf.cast(sizes > 0, tf.float32))
+    return Slices(parts, sizes, tf.cast(sizes > 0, tf.float32), static)
+
+
+def _stand_in(t: Any) -> Any:
+    """One row of zeros shaped like a row of `t` (an empty row, for a ragged `t`)."""
+    if isinstance(t, tf.RaggedTensor):
+        splits = [tf.constant([0, 0], t.row_splits.dtype)] + [
+            tf.constant([0], t.row_splits.dtype) for _ in range(t.ragged_rank - 1)
+        ]
+        return tf.RaggedTensor.from_nested_row_splits(t.flat_values[:0], splits)
+    filler = tf.zeros if t.dtype != tf.string else (lambda s, d: tf.fill(s, ""))
+    return filler(tf.concat([[1], tf.shape(t)[1:]], 0), t.dtype)
+
+
+def _cut_sparse(t: tf.SparseTensor, starts: tf.Tensor, counts: list) -> list[tf.SparseTensor]:
+    """Rows `[start, start + count)` of a sparse batch per tower; a stand-in row repeats
+    the last one (all zeros when the batch is empty)."""
+    shape = tf.cast(t.dense_shape, tf.int64)
+    last = tf.maximum(shape[0] - 1, 0)
+    zeros = tf.zeros_like(shape[1:])
+    out = []
+    for i, count in enumerate(counts):
+        count = tf.cast(count, tf.int64)
+        start = tf.minimum(tf.cast(starts[i], tf.int64), last)
+        part = tf.sparse.slice(
+            t, tf.concat([[start], zeros], 0), tf.concat([[count], shape[1:]], 0)
+        )
+        # A stand-in row past the end still counts as one row.
+        out.append(tf.SparseTensor(part.indices, part.values, tf.concat([[count], shape[1:]], 0)))
+    return out
 
 
 def tower_weights(sizes: tf.Tensor, dtype: tf.DType = tf.float32) -> tf.Tensor:

@@ -10,13 +10,14 @@ is applied once too.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import keras
 import tensorflow as tf
 
-from replicate import reduce
+from replicate import _keras_compat, reduce
 from replicate.tower import SEED_STRIDE, is_seed_state
 
 
@@ -24,14 +25,17 @@ class StateWriter:
     """Writes a step's state once, combined over towers and processes.
 
     Args:
+        model: The template whose variables are written.
         first_tower: The index, over every process, of this process's tower 0
             (its random seeds were shifted by that many strides).
         backend: The process backend, or `None` for one process.
     """
 
-    def __init__(self, *, first_tower: int, backend: Any = None) -> None:
+    def __init__(self, model: keras.Model, *, first_tower: int, backend: Any = None) -> None:
+        self.model = model
         self.first_tower = first_tower
         self.backend = backend
+        self._warned: set[int] = set()
 
     def write(
         self,
@@ -44,6 +48,30 @@ class StateWriter:
     ) -> None:
         """Writes `variables` once, combining the towers' new values (`None`:
         unchanged) by each variable's aggregation; over processes too."""
+        for variable, value in self.combine(variables, per_tower, old, slices, processes=processes):
+            variable.assign(value)
+
+    def combine(
+        self,
+        variables: Sequence[Any],
+        per_tower: Sequence[Sequence[Any]],
+        old: Sequence[tf.Tensor],
+        slices: reduce.Slices,
+        *,
+        processes: bool = True,
+        warn: bool = True,
+    ) -> list[tuple[Any, tf.Tensor]]:
+        """What `write` would assign: `(variable, new value)` for each changed variable.
+
+        Args:
+            variables: The variables the towers may have written.
+            per_tower: Per tower, each variable's new value (`None`: unchanged).
+            old: Each variable's value at the step's start.
+            slices: The step's slices (their sizes weigh the towers).
+            processes: Combine over processes too (a collective).
+            warn: Warn about a user layer's state at the default aggregation.
+        """
+        out: list[tuple[Any, tf.Tensor]] = []
         combined: list[tuple[Any, tf.Tensor, tf.Tensor]] = []
         for j, variable in enumerate(variables):
             news = [updates[j] for updates in per_tower]
@@ -55,8 +83,10 @@ class StateWriter:
                 value = news[0] if news[0] is not None else old[j]
                 if shift:
                     value = value - tf.constant([shift, 0], value.dtype)
-                variable.assign(value)
+                out.append((variable, value))
                 continue
+            if warn and (len(news) > 1 or (self.backend is not None and self.backend.size > 1)):
+                self._warn_default_aggregation(variable)
             news = [old[j] if new is None else new for new in news]
             value = reduce.combine_state(
                 variable.aggregation, old[j], news, slices.weights, slices.present
@@ -64,8 +94,62 @@ class StateWriter:
             combined.append((variable, old[j], value))
         if processes and combined and self.backend is not None and self.backend.size > 1:
             combined = self._over_processes(combined, tf.reduce_sum(slices.sizes))
-        for variable, _, value in combined:
-            variable.assign(value)
+        return out + [(variable, value) for variable, _, value in combined]
+
+    def write_rows(
+        self, variables: Sequence[Any], per_tower: Sequence[Sequence[Any]], slices: reduce.Slices
+    ) -> None:
+        """Writes row-aligned state (a stateful RNN's) from each tower's real rows, in order.
+
+        Raises:
+            ValueError: If the batch does not have as many samples as the
+                state has rows, as Keras requires of a stateful RNN
+                (`InvalidArgumentError` when the step runs, where the batch's
+                size is known only then).
+        """
+        for j, variable in enumerate(variables):
+            news = [rows[j] for rows in per_tower]
+            if all(new is None for new in news):
+                continue
+            value = tf.concat(news, axis=0)
+            received = "another size" if value.shape[0] is None else value.shape[0]
+            message = (
+                f"A stateful RNN's state {variable.path!r} holds {variable.shape[0]} rows, one "
+                "per sample of the batch it was built for, and every batch must have that many "
+                f"samples (as on one device). Received a batch of {received}: drop the last "
+                "partial batch, or batch the data by that size."
+            )
+            if value.shape[0] is not None and value.shape[0] != variable.shape[0]:
+                raise ValueError(message)
+            check = tf.debugging.assert_equal(tf.shape(value)[0], variable.shape[0], message)
+            with tf.control_dependencies([check]):
+                variable.assign(tf.cast(value, variable.dtype))
+
+    def _warn_default_aggregation(self, variable: Any) -> None:
+        """Warns, once per variable, that a user layer's state at Keras' default
+        aggregation is combined by replicate's rule for it."""
+        if variable.aggregation != "none" or id(variable) in self._warned:
+            return
+        owner = _owner(self.model, variable)
+        if owner is None or type(owner).__module__.split(".")[0] == "keras":
+            return  # Keras' own layers: the documented rules fit them
+        self._warned.add(id(variable))
+        floating = tf.as_dtype(variable.dtype).is_floating
+        how = (
+            "the towers' values weighted by their share of the batch"
+            if floating
+            else "tower 0's value"
+        )
+        warnings.warn(
+            f"replicate: layer {owner.name!r} ({type(owner).__name__}) writes its variable "
+            f"{variable.path!r} in the forward pass, with Keras' default "
+            f'aggregation="none". Each tower writes it from its own slice of the batch, and '
+            f"replicate keeps {how} (across processes too). If the variable counts or sums "
+            'over samples, create it with aggregation="sum" (every tower\'s change is '
+            'added); aggregation="mean" keeps the weighted mean, "only_first_replica" '
+            "tower 0's value. Choosing one silences this warning.",
+            stacklevel=2,
+        )
 
     def _over_processes(self, combined: list, count: tf.Tensor) -> list:
         """Each process's combined state, combined again over processes: changes
@@ -95,6 +179,16 @@ class StateWriter:
                 new = tf.where(total > 0, summed / tf.cast(total, summed.dtype), old)
             out[k] = (variable, old, new)
         return out
+
+
+def _owner(model: keras.Model, variable: Any) -> keras.Layer | None:
+    """The innermost layer of `model` whose weights include `variable`."""
+    owners = [
+        layer
+        for layer in _keras_compat.sublayers(model)
+        if any(v is variable for v in layer.weights)
+    ]
+    return min(owners, key=lambda layer: len(layer.weights)) if owners else None
 
 
 def apply_gradients(

@@ -1,12 +1,24 @@
 """The tower pass: one tower's forward pass on its device, kept open for its backward pass.
 
 A tower reads the shared weights into tower-local tensors, calls the model
-statelessly on its slice of the batch (`keras.StatelessScope`: state updates
-and model losses come back as values instead of being written), and keeps
-its tape, so that once the loss is known on the variable device it can
-backpropagate its share of the loss's gradient on its own device
+statelessly on its slice of the batch (`keras.StatelessScope`: what the model
+writes and the losses it adds come back as values instead of being applied),
+and keeps its tape, so that once the loss is known on the variable device it
+can backpropagate its share of the loss's gradient on its own device
 (`output_gradients`). With `jit_compile` the forward call is one XLA
 computation per tower, placed on the tower's device.
+
+What a forward pass can write, and how each kind comes back:
+
+- non-trainable state (BatchNormalization statistics, counters, seeds):
+  new values, combined over towers by aggregation (`replicate.state`);
+- trainable weights (`SpectralNormalization` writes its normalized kernel in
+  `call(training=True)`): the new value, which later reads of the weight in
+  the same pass see, with the gradient going to the weight as one device's
+  gradient does (to the variable as read, not through the write);
+- row-aligned state (a stateful RNN's `states`, one row per sample): each
+  tower reads and writes its own rows;
+- anything else the model does not track is an error naming it.
 """
 
 from __future__ import annotations
@@ -33,6 +45,29 @@ def is_seed_state(variable: keras.Variable) -> bool:
     return variable.name == "seed_generator_state"
 
 
+def row_layers(model: keras.Model) -> list[keras.Layer]:
+    """The layers that keep one row of state per sample: stateful RNNs."""
+    return [
+        layer
+        for layer in _keras_compat.sublayers(model)
+        if getattr(layer, "stateful", False) is True and getattr(layer, "states", None)
+    ]
+
+
+def row_states(model: keras.Model) -> list[keras.Variable]:
+    """The state variables with one row per sample: those of stateful RNN layers.
+
+    Keras keeps them outside the layer's weights (`RNN.states`), sized by the
+    batch the layer was built for.
+    """
+    found: dict[int, keras.Variable] = {}
+    for layer in row_layers(model):
+        for variable in tf.nest.flatten(layer.states):
+            if isinstance(variable, keras.Variable):
+                found.setdefault(id(variable), variable)
+    return list(found.values())
+
+
 def _call_accepts_training(model: keras.Model) -> bool:
     params = inspect.signature(model.call).parameters
     return "training" in params or any(
@@ -40,13 +75,45 @@ def _call_accepts_training(model: keras.Model) -> bool:
     )
 
 
+@tf.custom_gradient
+def _read_after_write(variable_read: tf.Tensor, written: tf.Tensor) -> tf.Tensor:
+    """`written`, whose gradient goes to the weight as read (`variable_read`), as it
+    does on one device, where an assignment is not differentiated through."""
+
+    def grad(upstream):
+        return upstream, tf.zeros_like(written)
+
+    return tf.identity(written), grad
+
+
+class _TowerScope(keras.StatelessScope):
+    """A stateless scope that routes writes to trainable weights (see the module)."""
+
+    def __init__(self, mapping: list, trainable: dict[int, tf.Tensor]) -> None:
+        super().__init__(state_mapping=mapping, collect_losses=True)
+        self.trainable = trainable
+        self.written: dict[int, Any] = {}
+
+    def add_update(self, update: tuple[Any, Any]) -> None:
+        variable, value = update
+        self.written[id(variable)] = variable
+        read = self.trainable.get(id(variable))
+        if read is not None:
+            value = _read_after_write(read, tf.cast(value, read.dtype))
+        super().add_update((variable, value))
+
+
 class Tower(NamedTuple):
     """One tower's forward pass, kept for its backward pass."""
 
     outputs: Any  # real rows only, masks attached
-    targets: list[tf.Tensor]  # what the loss can depend on: float outputs, model loss
-    model_loss: tf.Tensor | None  # the model's own losses on this slice, summed
+    logits: list[merge.Logits | None]  # per output leaf: the logits behind it
+    targets: list[tf.Tensor]  # what the loss can depend on: float outputs, logits, model loss
+    model_loss: tf.Tensor | None  # the model's own scalar losses on this slice, summed
+    sample_loss: tf.Tensor | None  # its per-sample losses, summed over the slice's rows
     updates: list[Any]  # new non-trainable values (None where unchanged)
+    writes: list[Any]  # new trainable values written in the pass (None where unchanged)
+    rows: list[Any]  # new rows of each row-aligned state (None where unchanged)
     tape: tf.GradientTape | None
     trainable: list[tf.Tensor]  # this tower's copies of the weights
 
@@ -64,6 +131,7 @@ class TowerPass:
         self.jit_compile = jit_compile
         self._training_arg = _call_accepts_training(model)
         self._compiled: Callable[..., Any] | None = None
+        self._logit_kinds: list[tuple[bool, str | None]] = []
 
     # -- random seeds -----------------------------------------------------------
 
@@ -81,25 +149,61 @@ class TowerPass:
 
     # -- forward ------------------------------------------------------------------
 
-    def _call(self, trainable, state, x, training):
-        """One stateless model call: outputs, their masks, new state values, model losses."""
+    def _call(self, trainable, state, rows, x, training):
+        """One stateless model call: outputs, masks, logits, writes and model losses."""
         model = self.model
+        row_variables = row_states(model)
         mapping = list(zip(model.trainable_variables, trainable)) + list(
             zip(model.non_trainable_variables, state)
         )
-        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
-            before = {id(v): scope.get_current_value(v) for v in model.non_trainable_variables}
+        reads = {id(v): t for v, t in zip(model.trainable_variables, trainable)}
+        scope = _TowerScope(mapping, reads)
+        for variable, value in zip(row_variables, rows):
+            # A tower's rows: not the variable's shape, which the mapping would demand.
+            keras.StatelessScope.add_update(scope, (variable, value))
+        mapping += list(zip(row_variables, rows))
+        with scope, _keras_compat.any_batch_size(row_layers(model)):
             if self._training_arg:
                 outputs = model(x, training=training)
             else:
                 outputs = model(x)
             losses = list(model.losses)
-        updates = []
-        for v in model.non_trainable_variables:
-            new = scope.get_current_value(v)
-            updates.append(None if new is before[id(v)] else new)
-        masks = [_keras_compat.get_mask(t) for t in tf.nest.flatten(outputs)]
-        return outputs, masks, updates, losses
+        initial = {id(v): t for v, t in mapping}
+
+        def written(variables):
+            news = [scope.get_current_value(v) for v in variables]
+            return [None if new is initial[id(v)] else new for v, new in zip(variables, news)]
+
+        self._check_tracked(scope, [v for v, _ in mapping])
+        flat = tf.nest.flatten(outputs)
+        masks = [_keras_compat.get_mask(t) for t in flat]
+        found = [merge.find_logits(t) for t in flat]
+        self._logit_kinds = [(f.attribute, f.op) if f else (False, None) for f in found]
+        logits = [f.tensor if f else None for f in found]
+        scalars, samples = _split_losses(losses, x)
+        return (
+            outputs,
+            masks,
+            logits,
+            written(model.non_trainable_variables),
+            written(model.trainable_variables),
+            written(row_variables),
+            scalars,
+            samples,
+        )
+
+    def _check_tracked(self, scope: _TowerScope, known: list[Any]) -> None:
+        ids = {id(v) for v in known} | {id(v) for v in self.model.metrics_variables}
+        untracked = [v for k, v in scope.written.items() if k not in ids]
+        if untracked:
+            names = [getattr(v, "path", getattr(v, "name", repr(v))) for v in untracked]
+            raise RuntimeError(
+                f"The forward pass of {self.model.name!r} assigned variables that are not "
+                f"among its weights: {names}. replicate combines what each tower writes by "
+                "the variable's aggregation, so it must know the variable: create it with "
+                "`self.add_weight(...)` in a layer (trainable=False for state), or keep it "
+                "out of `call`."
+            )
 
     def _call_function(self) -> Callable[..., Any]:
         if not self.jit_compile:
@@ -114,6 +218,7 @@ class TowerPass:
         part: Any,
         size: tf.Tensor,
         state: list,
+        rows: list,
         training: bool,
         *,
         watch: bool = True,
@@ -125,6 +230,7 @@ class TowerPass:
             part: The tower's slice of the batch (at least one row).
             size: How many of its rows are real samples.
             state: The non-trainable variables' values at the step's start.
+            rows: This tower's rows of each row-aligned state (`row_states`).
             training: The model's `training` argument.
             watch: Keep a tape for the backward pass.
         """
@@ -133,20 +239,40 @@ class TowerPass:
         with tape if watch else contextlib.nullcontext():
             if watch:
                 tape.watch(trainable)
-            out, masks, updates, losses = self._call_function()(
-                trainable, self.tower_state(tower, state), part, training
+            out, masks, logits, updates, writes, new_rows, scalars, samples = self._call_function()(
+                trainable, self.tower_state(tower, state), rows, part, training
             )
             for t, mask in zip(tf.nest.flatten(out), masks):
                 if mask is not None:
                     _keras_compat.set_mask(t, mask)
             outputs = merge.keep(out, size)
-            model_loss = None
-            if losses:
-                model_loss = tf.add_n([tf.reduce_sum(tf.cast(v, tf.float32)) for v in losses])
+            found = [
+                None if t is None else merge.Logits(t[:size], attribute, op)
+                for t, (attribute, op) in zip(logits, self._logit_kinds)
+            ]
+            model_loss = sample_loss = None
+            if scalars:
+                model_loss = tf.add_n([tf.reduce_sum(tf.cast(v, tf.float32)) for v in scalars])
+            if samples:
+                sample_loss = tf.add_n(
+                    [tf.reduce_sum(tf.cast(v[:size], tf.float32)) for v in samples]
+                )
+            new_rows = [None if r is None else r[:size] for r in new_rows]
         targets = [t for t in tf.nest.flatten(outputs) if t is not None and t.dtype.is_floating]
-        if model_loss is not None:
-            targets.append(model_loss)
-        return Tower(outputs, targets, model_loss, updates, tape if watch else None, trainable)
+        targets += [f.tensor for f in found if f is not None and f.tensor.dtype.is_floating]
+        targets += [v for v in (model_loss, sample_loss) if v is not None]
+        return Tower(
+            outputs,
+            found,
+            targets,
+            model_loss,
+            sample_loss,
+            updates,
+            writes,
+            new_rows,
+            tape if watch else None,
+            trainable,
+        )
 
     # -- backward -----------------------------------------------------------------
 
@@ -166,3 +292,27 @@ class TowerPass:
         )
         # A tower that held only a stand-in row adds exactly nothing.
         return [reduce.scale(g, present) for g in grads]
+
+
+def _split_losses(losses: Sequence[Any], x: Any) -> tuple[list[Any], list[Any]]:
+    """The model's losses as `(scalars, per_sample)`.
+
+    A loss with one row per sample of the slice (an endpoint layer's
+    `add_loss` of a `(batch, 1)` tensor) is per-sample: Keras sums it over
+    the batch, so the towers' sums add up exactly. Any other loss (weight and
+    activity regularizers, `add_loss` of a mean) follows the mean rule: each
+    tower's value weighted by its share of the batch. A loss's rows are
+    recognised by its leading dimension: the slice's, or unknown (it depends
+    on the data) where the slice's is unknown.
+    """
+    first = next((t for t in tf.nest.flatten(x) if t is not None), None)
+    batch = None if first is None else first.shape[0]
+    scalars, samples = [], []
+    for loss in losses:
+        loss = tf.convert_to_tensor(loss)
+        rank = loss.shape.rank
+        if rank is not None and rank >= 1 and loss.shape[0] == batch:
+            samples.append(loss)
+        else:
+            scalars.append(loss)
+    return scalars, samples

@@ -113,9 +113,13 @@ def test_not_a_keras_model(devices):
         replicate.ReplicaBuilder(keras.layers.Dense(3), devices[:2])
 
 
-def test_unbuilt_model(devices):
-    with pytest.raises(ValueError, match=r"'unbuilt' must be built"):
-        replicate.ReplicaBuilder(keras.Sequential([keras.layers.Dense(2)], name="unbuilt"), devices)
+def test_a_model_without_weights_is_refused_with_advice_that_works(devices):
+    model = keras.Sequential([keras.layers.Dense(2)], name="unbuilt")
+    with pytest.raises(ValueError, match=r"'unbuilt' has no weights yet.*`model\(x\[:1\]\)`"):
+        replicate.ReplicaBuilder(model, devices)
+    model(np.zeros((1, 3), "float32"))  # the advice
+    builder = replicate.ReplicaBuilder(model, devices[:2])
+    assert builder.call(np.ones((3, 3), "float32")).shape == (3, 2)
 
 
 def test_unknown_variable_device(devices, mlp_factory):

@@ -17,6 +17,7 @@ def test_public_names():
             "ReplicaBuilder",
             "ReplicatedModel",
             "__version__",
+            "check",
             "get_backend",
             "list_devices",
             "process_devices",

@@ -93,3 +93,70 @@ def test_empty_tower_contributes_nothing_even_when_nan():
 
 def test_weights_of_an_empty_batch_are_zero():
     np.testing.assert_array_equal(reduce.tower_weights(tf.constant([0, 0])).numpy(), [0.0, 0.0])
+
+
+def test_ragged_and_sparse_batches_split_by_rows():
+    ragged = tf.ragged.constant([[1, 2], [3], [4, 5, 6], [7]])
+    slices = reduce.tower_slices({"r": ragged}, 3)
+    assert [p["r"].to_list() for p in slices.parts] == [[[1, 2], [3]], [[4, 5, 6]], [[7]]]
+    sparse = tf.sparse.from_dense(tf.constant([[0.0, 1.0], [2.0, 0.0], [0.0, 3.0]]))
+    parts = reduce.tower_slices(sparse, 2).parts
+    assert [tf.sparse.to_dense(p).numpy().tolist() for p in parts] == [
+        [[0.0, 1.0], [2.0, 0.0]],
+        [[0.0, 3.0]],
+    ]
+    # A batch smaller than the towers: stand-in rows, as for dense batches.
+    short = reduce.tower_slices((ragged[:1], tf.sparse.slice(sparse, [0, 0], [1, 2])), 2)
+    assert short.sizes.numpy().tolist() == [1, 0]
+    assert short.parts[1][0].to_list() == [[1, 2]]
+    assert tf.sparse.to_dense(short.parts[1][1]).numpy().tolist() == [[0.0, 1.0]]
+    empty = reduce.tower_slices((ragged[:0], tf.sparse.slice(sparse, [0, 0], [0, 2])), 2)
+    assert empty.parts[0][0].to_list() == [[]]
+    assert tf.sparse.to_dense(empty.parts[1][1]).numpy().tolist() == [[0.0, 0.0]]
+
+
+# -- ragged and sparse batches train as on one device --------------------------------------
+
+import keras  # noqa: E402
+from equivalence import assert_same_as_one_device  # noqa: E402
+
+RNG = np.random.default_rng(31)
+
+
+def _ragged_data():
+    tokens = [RNG.integers(1, 20, RNG.integers(1, 6)).tolist() for _ in range(50)]
+    labels = np.array([sum(t) % 2 for t in tokens], "float32")
+    ragged = tf.ragged.constant(tokens, dtype=tf.int32)
+    return tf.data.Dataset.from_tensor_slices((ragged, labels)).batch(17)
+
+
+def _ragged_model():
+    keras.utils.set_random_seed(6)
+    tokens = keras.Input((None,), ragged=True, dtype="int32")
+    embedded = keras.layers.Embedding(20, 4)(tokens)
+    pooled = keras.layers.Lambda(lambda t: tf.reduce_mean(t, axis=1))(embedded)
+    return keras.Model(tokens, keras.layers.Dense(1, activation="sigmoid")(pooled))
+
+
+def _sparse_data():
+    dense = (RNG.random((50, 10)) < 0.2) * RNG.normal(size=(50, 10))
+    sparse = tf.sparse.from_dense(dense.astype("float32"))
+    labels = RNG.integers(0, 2, 50).astype("float32")
+    return tf.data.Dataset.from_tensor_slices((sparse, labels)).batch(17)
+
+
+def _sparse_model():
+    keras.utils.set_random_seed(7)
+    features = keras.Input((10,), sparse=True)
+    hidden = keras.layers.Dense(8, activation="tanh")(features)
+    return keras.Model(features, keras.layers.Dense(1, activation="sigmoid")(hidden))
+
+
+@pytest.mark.parametrize(
+    "make, data", [(_ragged_model, _ragged_data), (_sparse_model, _sparse_data)]
+)
+def test_ragged_and_sparse_batches_train_as_on_one_device(make, data, devices):
+    def compile_model(model):
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss="binary_crossentropy")
+
+    assert_same_as_one_device(make, compile_model, data(), devices=devices)

@@ -1,0 +1,64 @@
+"""The template's weights, made where they belong, before the first step.
+
+Keras creates a layer's weights on its first call, and `fit` builds a model
+that has none from the first batch of its data. A replicated model must have
+its weights once, on the variable device, before any tower runs: so the first
+`fit`, `evaluate` or `predict` of a replicated model whose template has no
+weights yet builds the template from the first batch, under the variable
+device, the way Keras' own `fit` does (model, compiled loss and metrics,
+optimizer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from replicate import _keras_compat
+
+
+def first_batch(call: dict[str, Any]) -> Any:
+    """The first batch of what `fit`/`evaluate`/`predict` received, or `None`.
+
+    Arrays (any nesting) give their first `batch_size` rows, a `tf.data.Dataset`
+    its first element and a `keras.utils.PyDataset` its item 0. A Python
+    generator cannot be looked into without consuming it: `None`.
+    """
+    x = call.get("x")
+    if isinstance(x, tf.data.Dataset):
+        return next(iter(x))
+    if isinstance(x, keras.utils.PyDataset):
+        return x[0]
+    leaves = tf.nest.flatten(x)
+    if not leaves or not all(isinstance(v, (np.ndarray, tf.Tensor)) for v in leaves):
+        return None
+    rows = call.get("batch_size") or 32
+
+    def head(a):
+        return None if a is None else a[:rows]
+
+    parts = [tf.nest.map_structure(head, x)]
+    for key in ("y", "sample_weight"):
+        if call.get(key) is not None:
+            parts.append(tf.nest.map_structure(head, call[key]))
+    return tuple(parts) if len(parts) > 1 else parts[0]
+
+
+def ensure_weights(template: keras.Model, builder: Any, call: dict[str, Any]) -> None:
+    """Builds `template` from the first batch of `call` if it has no weights yet.
+
+    Raises:
+        ValueError: If it has none and the data cannot be looked into (a
+            generator): the message says how to build the model first.
+    """
+    if template.variables:
+        return
+    batch = first_batch(call)
+    if batch is None:
+        builder.require_weights()
+    with tf.device(builder.variable_device):
+        _keras_compat.symbolic_build(template, batch)
+    builder.require_weights()

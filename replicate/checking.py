@@ -1,0 +1,180 @@
+"""replicate checks itself: does a model's step through the towers equal one device, and if
+not, why.
+
+`check` runs a few samples of one batch through the towers and through the
+template on the variable device alone (the same tower pass with one tower),
+and compares the outputs (`training=False` and `True`), the loss, every
+gradient and every state update. Nothing is written: the model, its
+optimizer and its state are as before. What differs is explained by the
+causes replicate can name:
+
+- the forward pass mixes samples across the batch (outputs differ in
+  inference);
+- unsynchronized BatchNormalization normalizes each tower's slice;
+- a layer's state goes through an aggregation that does not fit it;
+- a tower's slice fails (the model assumes the batch size);
+- a model's own `train_step` computes its losses per tower.
+
+Random layers do not raise false alarms: Keras' dropout and noise layers are
+compared with their randomness off, and other draws are named as expected to
+differ. Each process checks its own towers, with no collective, so a check
+never waits for another process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from replicate import _keras_compat, building, comparison
+from replicate.builder import ReplicaBuilder
+from replicate.comparison import DEFAULT_RTOL, Report
+from replicate.devices import list_devices
+from replicate.tower import row_states
+
+
+def _head(t: Any, n: int) -> Any:
+    if t is None:
+        return None
+    if isinstance(t, tf.SparseTensor):
+        return tf.sparse.slice(t, [0] * t.shape.rank, [n, *t.dense_shape[1:]])
+    return t[:n]
+
+
+@contextlib.contextmanager
+def _without_randomness(model: keras.Model, report: Report) -> Iterator[None]:
+    """Turns Keras' dropout and noise layers off for the check, and says so."""
+    changed = []
+    for layer in _keras_compat.sublayers(model):
+        for name in ("rate", "stddev"):
+            value = getattr(layer, name, None)
+            if isinstance(value, (int, float)) and value > 0 and _draws(layer):
+                changed.append((layer, name, value))
+    for layer, name, _ in changed:
+        setattr(layer, name, 0.0)
+    if changed:
+        names = ", ".join(f"`{layer.name}`" for layer, _, _ in changed)
+        report.notes.append(
+            f"layers {names} draw random numbers; compared with their randomness off "
+            "(their draws differ per tower by design, as between any two runs)"
+        )
+    try:
+        yield
+    finally:
+        for layer, name, value in changed:
+            setattr(layer, name, value)
+
+
+def _draws(layer: keras.Layer) -> bool:
+    """Whether `layer` holds a seed generator (its random draws come from one)."""
+    return any(isinstance(v, keras.random.SeedGenerator) for v in vars(layer).values())
+
+
+def check(
+    model: keras.Model,
+    x: Any,
+    y: Any = None,
+    sample_weight: Any = None,
+    *,
+    devices: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    samples_per_tower: int = 2,
+    rtol: float = DEFAULT_RTOL,
+) -> Report:
+    """Checks that a step through the towers equals one device, or says why not.
+
+    Args:
+        model: A replicated model (its devices and variable device are used)
+            or a plain Keras model.
+        x, y, sample_weight: What `fit` takes (arrays, a `tf.data.Dataset`,
+            a `keras.utils.PyDataset`), or one batch. Only the first
+            `samples_per_tower * towers + 1` samples of the first batch are
+            used (the towers' slices are then uneven).
+        devices: The tower devices, for a plain model. Defaults to
+            `replicate.list_devices()`.
+        batch_size: The global batch, for arrays (as `fit` takes it). A model
+            that does not run on a few samples on one device either (it
+            assumes its batch size) is compared on a whole batch. Defaults to
+            32, as in `fit`.
+        samples_per_tower: Samples each tower gets (about). Defaults to 2.
+        rtol: Relative difference above which a quantity differs
+            (max |towers - one device| / max |one device|). Defaults to 1e-4.
+
+    Returns:
+        A `Report`; `report.exact` is whether they agree, `report.causes`
+        says why not, and `str(report)` prints every comparison.
+
+    Raises:
+        TypeError: If `model` is not a Keras model.
+        ValueError: If the data cannot be looked into (a Python generator):
+            pass one batch instead.
+    """
+    template = getattr(model, "template", None)
+    if isinstance(template, keras.Model) and isinstance(
+        getattr(model, "builder", None), ReplicaBuilder
+    ):
+        devices, variable_device = model.devices, model.variable_device
+    elif isinstance(model, keras.Model):
+        template, variable_device = model, "/cpu:0"
+        devices = list_devices() if devices is None else list(devices)
+    else:
+        raise TypeError(
+            "`model` must be a Keras model or a replicated one. Received: "
+            f"model={model!r} of type {type(model).__name__}"
+        )
+    batch = building.first_batch(
+        {"x": x, "y": y, "sample_weight": sample_weight, "batch_size": batch_size}
+    )
+    if batch is None:
+        raise ValueError(
+            "replicate.check cannot look into a Python generator without consuming it. "
+            "Pass one batch instead: `replicate.check(model, x_batch, y_batch)`."
+        )
+    reference = ReplicaBuilder(template, [variable_device], variable_device=variable_device)
+    towers = ReplicaBuilder(template, devices, variable_device=variable_device)
+    towers.require_weights()
+    whole = batch
+    if not row_states(template):  # a stateful RNN needs the batch it was built for
+        rows = samples_per_tower * len(devices) + 1
+        batch = tf.nest.map_structure(lambda t: _head(t, rows), batch)
+    report = Report(devices=list(devices), slices=[], rtol=rtol)
+    with _without_randomness(template, report):
+        comparison.compare(report, template, reference, towers, batch, whole)
+    return report
+
+
+CHECKS = (True, False, "strict")
+
+
+def at_first_fit(parallel: keras.Model, call: dict[str, Any], mode: bool | str) -> None:
+    """The automatic check at the start of a replicated model's first `fit`.
+
+    Silent when the towers equal one device (or there is one tower, or the
+    data is a generator it cannot look into); otherwise one warning naming
+    the causes, or with `mode="strict"` a `ValueError`.
+    """
+    if mode is False or len(parallel.devices) < 2:
+        return
+    batch = building.first_batch(call)
+    if batch is None:
+        return
+    report = check(parallel, batch)
+    if report.exact:
+        return
+    message = (
+        f"replicate: this model does not train as on one device through "
+        f"{len(parallel.devices)} towers: {'; '.join(report.causes)}. "
+        "`print(replicate.check(model, x, y))` shows every comparison. "
+    )
+    if mode == "strict":
+        raise ValueError(message + "(check='strict' was passed to replicate.replicate.)")
+    warnings.warn(
+        message + "To train anyway without this check, pass `check=False` to "
+        "`replicate.replicate`; `check='strict'` raises instead of warning.",
+        stacklevel=3,
+    )

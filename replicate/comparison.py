@@ -1,0 +1,419 @@
+"""The comparisons behind `replicate.check`: towers against one device, and the causes
+of what differs.
+
+Both sides run the same tower pass (`replicate.builder.ReplicaBuilder`): the
+reference with one tower on the variable device, which is one device's step,
+and the towers as `fit` runs them. Nothing is written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from replicate import _keras_compat, merge, reduce, steps
+from replicate.backends import LocalBackend
+from replicate.builder import ReplicaBuilder
+from replicate.tower import is_seed_state, row_states
+
+DEFAULT_RTOL = 1e-4
+
+
+@dataclass
+class Report:
+    """What `check` compared, how far apart each quantity came, and why.
+
+    Attributes:
+        devices: The tower devices checked.
+        slices: The samples each tower held.
+        differences: `(what, max relative difference)` for everything compared.
+        causes: Why the towers differ from one device, one sentence each; empty
+            when they agree.
+        notes: What was not compared, or compared with a change, and why.
+        rtol: The relative difference above which a quantity counts as different.
+    """
+
+    devices: list[str]
+    slices: list[int]
+    differences: list[tuple[str, float]] = field(default_factory=list)
+    causes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    rtol: float = DEFAULT_RTOL
+
+    @property
+    def exact(self) -> bool:
+        """Whether the towers equal one device (no cause found)."""
+        return not self.causes
+
+    def differing(self, prefix: str = "") -> list[tuple[str, float]]:
+        """The differences above `rtol` whose name starts with `prefix`."""
+        return [(k, v) for k, v in self.differences if k.startswith(prefix) and v > self.rtol]
+
+    def __str__(self) -> str:
+        head = (
+            f"replicate.check: {len(self.devices)} towers on slices {self.slices} against one "
+            f"device: {'the same' if self.exact else 'different'}"
+        )
+        lines = [head]
+        lines += [f"  cause: {c}" for c in self.causes]
+        lines += [f"  note: {n}" for n in self.notes]
+        width = max((len(k) for k, _ in self.differences), default=0)
+        lines += [f"  {k:<{width}}  {v:.2e}" for k, v in self.differences]
+        return "\n".join(lines)
+
+
+def _relative(a: Any, b: Any, floor: float = 1e-12) -> float:
+    """max |a - b| / max |b|, with `floor` as the least denominator (a quantity that is
+    zero in exact arithmetic is rounding noise, measured against its kind's scale)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    if a.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), floor))
+
+
+def _numpy(t: Any) -> np.ndarray:
+    if isinstance(t, tf.IndexedSlices):
+        t = tf.convert_to_tensor(t)
+    return np.asarray(t)
+
+
+class _Pass:
+    """One dry training pass of `builder`: outputs, loss, gradients, new state; no writes."""
+
+    def __init__(self, builder: ReplicaBuilder, batch: Any, training: bool, loss: bool) -> None:
+        model = builder.model
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
+        slices = builder.slices(x)
+        self.sizes = [int(n) for n in slices.sizes.numpy()]
+        group = builder.group(slices)
+        towers, values = builder.forward_passes(group, slices, training, loss)
+        self.loss, self.grads = None, []
+        with tf.device(builder.variable_device):
+            if loss:
+
+                def loss_of(y_pred, model_loss):
+                    return _batch_loss(model, x, y, y_pred, sample_weight, model_loss)
+
+                result = merge.loss_pass(towers, loss_of, slices.weights, model.trainable_variables)
+                self.loss, self.outputs = result.value, result.merged
+            else:
+                self.outputs = merge.merge([t.outputs for t in towers], [t.logits for t in towers])
+        if loss:
+            per_tower = group.run(
+                lambda i: builder.tower_pass.backward(
+                    towers[i], result.upstream[i], slices.present[i]
+                )
+            )
+            self.grads = [reduce.add([*c, d]) for *c, d in zip(*per_tower, result.direct)]
+        writer = builder.state_writer
+        state = writer.combine(
+            model.non_trainable_variables,
+            [t.updates for t in towers],
+            values,
+            slices,
+            processes=False,
+            warn=False,
+        )
+        old = [tf.convert_to_tensor(v.value) for v in model.trainable_variables]
+        state += writer.combine(
+            model.trainable_variables,
+            [t.writes for t in towers],
+            old,
+            slices,
+            processes=False,
+            warn=False,
+        )
+        for j, variable in enumerate(row_states(model)):
+            rows = [t.rows[j] for t in towers]
+            if all(r is not None for r in rows):
+                state.append((variable, tf.concat(rows, 0)))
+        self.state = {v.path: value for v, value in state if not is_seed_state(v)}
+
+
+def _batch_loss(model, x, y, y_pred, sample_weight, model_loss) -> tf.Tensor:
+    if model_loss is None:
+        model_loss = tf.zeros((), keras.config.floatx())
+    return _keras_compat.compute_loss(
+        model,
+        x=x,
+        y=y,
+        y_pred=y_pred,
+        sample_weight=sample_weight,
+        training=True,
+        losses=[model_loss],
+    )
+
+
+class _Twin:
+    """What a model's own step needs of a replicated model, on one process: no collective."""
+
+    def __init__(self, template: keras.Model, builder: ReplicaBuilder) -> None:
+        self.template, self.builder = template, builder
+        self.backend = LocalBackend()
+
+    def share(self, count: tf.Tensor) -> None:
+        return None
+
+    def combined_results(self, metrics: list) -> list:
+        return [m.result() for m in metrics]
+
+
+def _owner(model: keras.Model, variable: Any) -> keras.Layer | None:
+    owners = [
+        layer
+        for layer in _keras_compat.sublayers(model)
+        if any(v is variable for v in layer.weights)
+    ]
+    return min(owners, key=lambda layer: len(layer.weights)) if owners else None
+
+
+def compare(
+    report: Report,
+    template: keras.Model,
+    reference: ReplicaBuilder,
+    towers: ReplicaBuilder,
+    batch: Any,
+    whole: Any = None,
+) -> None:
+    """Fills `report`: the differences between `towers` and `reference`, and their causes.
+
+    Args:
+        batch: The few samples to compare on.
+        whole: The whole batch they came from: where the model does not run on
+            the few samples on one device either (it assumes a batch size), the
+            comparison is made on the whole batch.
+    """
+    has_call = steps.overridden(template, "call")
+    has_loss = (
+        _keras_compat.compiled_loss(template) is not None
+        or steps.overridden(template, "compute_loss")
+        or bool(template.losses)
+    )
+    if has_call:
+        for training in (False, True):
+            with_loss = training and has_loss
+            try:
+                one = _Pass(reference, batch, training, with_loss)
+            except Exception as error:
+                if whole is not None and whole is not batch:
+                    return compare(report, template, reference, towers, whole)
+                report.notes.append(
+                    f"the model does not run on {reference_size(batch)} samples on one device "
+                    f"either, so it was not checked ({type(error).__name__}: "
+                    f"{_first_line(error)})"
+                )
+                return
+            try:
+                many = _Pass(towers, batch, training, with_loss)
+            except Exception as error:
+                report.causes.append(
+                    "a tower's slice failed: the model seems to assume a fixed batch size "
+                    f"({type(error).__name__}: {_first_line(error)})"
+                )
+                return
+            report.slices = many.sizes
+            _differences(report, one, many, template, f"training={training}")
+    else:
+        report.notes.append("the model has no `call` of its own: its forward pass was not run")
+    if steps.overridden(template, "train_step"):
+        _compare_step(report, template, reference, towers, batch)
+    _name_causes(report, template)
+
+
+def reference_size(batch: Any) -> int:
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
+    return int(reduce.batch_size(x))
+
+
+def _first_line(error: BaseException) -> str:
+    """The line of an error message that says what went wrong (Keras' wrapper lines and
+    terminal colours left out)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line and not line.startswith("Exception encountered")]
+    return lines[0][:300] if lines else type(error).__name__
+
+
+def _differences(report: Report, one: _Pass, many: _Pass, template, mode: str) -> None:
+    for k, (a, b) in enumerate(
+        zip(tf.nest.flatten(many.outputs), tf.nest.flatten(one.outputs), strict=True)
+    ):
+        if a is not None:
+            report.differences.append((f"output {k}, {mode}", _relative(a, b)))
+    if one.loss is not None:
+        report.differences.append((f"loss, {mode}", _relative(many.loss, one.loss)))
+    pairs = zip(template.trainable_variables, many.grads, one.grads) if one.grads else ()
+    grads = [
+        (
+            v,
+            np.zeros(v.shape) if a is None else _numpy(a),
+            np.zeros(v.shape) if b is None else _numpy(b),
+        )
+        for v, a, b in pairs
+        if a is not None or b is not None
+    ]
+    # A gradient that is zero in exact arithmetic (a bias before BatchNormalization) is
+    # rounding noise on both sides: measure it against the gradients' scale.
+    scale = max((float(np.max(np.abs(b))) for _, _, b in grads if b.size), default=0.0)
+    for variable, a, b in grads:
+        value = _relative(a, b, floor=max(1e-3 * scale, 1e-12))
+        report.differences.append((f"gradient {variable.path}, {mode}", value))
+    for path in sorted(set(one.state) | set(many.state)):
+        a, b = many.state.get(path), one.state.get(path)
+        value = float("inf") if a is None or b is None else _relative(a, b)
+        report.differences.append((f"state {path}, {mode}", value))
+
+
+def _compare_step(
+    report: Report,
+    template: keras.Model,
+    reference: ReplicaBuilder,
+    towers: ReplicaBuilder,
+    batch: Any,
+) -> None:
+    """Runs the model's own `train_step` on one device and on the towers, from the same
+    start, with fresh copies of its optimizers; everything is put back after."""
+    variables = list(template.variables) + [v for m in template.metrics for v in m.variables]
+    saved = [v.numpy() for v in variables]
+    start = {v.path: v.numpy() for v in template.trainable_variables}
+    seeds = [v for v in template.non_trainable_variables if is_seed_state(v)]
+
+    def run(builder):
+        with _fresh_optimizers(template):
+            logs = steps.TowerRun(_Twin(template, builder), batch)("train_step")
+            drew = any(not np.array_equal(v.numpy(), saved[variables.index(v)]) for v in seeds)
+            after = {v.path: v.numpy() - start[v.path] for v in template.trainable_variables}
+        for variable, value in zip(variables, saved):
+            variable.assign(value)
+        flat = {f"step result {k}": v for k, v in _flat_logs(logs).items()}
+        return flat, after, drew
+
+    try:
+        one, one_weights, drew = run(reference)
+        many, many_weights, _ = run(towers)
+    except Exception as error:
+        report.notes.append(
+            f"the model's own train_step could not be compared ({type(error).__name__}: "
+            f"{_first_line(error)})"
+        )
+        for variable, value in zip(variables, saved):
+            variable.assign(value)
+        return
+    if drew:
+        report.notes.append(
+            "the model's own train_step draws random numbers (its noise differs per tower by "
+            "design): its results were not compared, only its forward pass"
+        )
+        return
+    for key in sorted(set(one) & set(many)):
+        report.differences.append((key, _relative(many[key], one[key])))
+    for path, value in one_weights.items():
+        report.differences.append(
+            (f"weight after the step {path}", _relative(many_weights[path], value))
+        )
+
+
+class _fresh_optimizers:
+    """Gives the model fresh copies of the optimizers it holds for the duration."""
+
+    def __init__(self, template: keras.Model) -> None:
+        self.template = template
+        self.saved: list[tuple[str, Any]] = []
+
+    def __enter__(self):
+        for name, value in list(vars(self.template).items()):
+            if isinstance(value, keras.optimizers.Optimizer):
+                copy = type(value).from_config(value.get_config())
+                self.saved.append((name, value))
+                object.__setattr__(self.template, name, copy)
+        return self
+
+    def __exit__(self, *args):
+        for name, value in self.saved:
+            object.__setattr__(self.template, name, value)
+        return False
+
+
+def _flat_logs(logs: Any) -> dict[str, np.ndarray]:
+    if isinstance(logs, dict):
+        return {str(k): np.asarray(v) for k, v in logs.items() if tf.is_tensor(v) or np.isscalar(v)}
+    return {str(i): np.asarray(v) for i, v in enumerate(tf.nest.flatten(logs)) if v is not None}
+
+
+def _name_causes(report: Report, template: keras.Model) -> None:
+    """Turns what differs into the causes replicate can name."""
+    inference = report.differing("output") + report.differing("state")
+    inference = [(k, v) for k, v in inference if k.endswith("training=False")]
+    if inference:
+        what, worst = max(inference, key=lambda item: item[1])
+        report.causes.append(
+            "the forward pass mixes samples across the batch: outputs differ with "
+            f"training=False ({what}: max relative difference {worst:.2e})"
+        )
+        return
+    normalizing = [
+        layer.name
+        for layer in _keras_compat.sublayers(template)
+        if "BatchNormalization" in type(layer).__name__
+        and getattr(layer, "synchronized", False) is not True
+    ]
+    training = [(k, v) for k, v in report.differing() if not k.startswith("step result")]
+    if training and normalizing and len(report.devices) > 1:
+        names = ", ".join(f"`{n}`" for n in normalizing[:3])
+        if len(normalizing) > 3:
+            names += f" and {len(normalizing) - 3} more"
+        report.causes.append(
+            f"BatchNormalization layers {names} normalize per tower; use synchronized=True"
+        )
+    explained = {f"state {v.path}" for n in normalizing for v in _layer(template, n).weights}
+    for key, value in report.differing("state"):
+        path = key[len("state ") :].rsplit(", ", 1)[0]
+        if f"state {path}" in explained:
+            continue
+        variable = next((v for v in template.variables if v.path == path), None)
+        owner = None if variable is None else _owner(template, variable)
+        name = "a layer" if owner is None else f"layer `{owner.name}`"
+        aggregation = getattr(variable, "aggregation", "none")
+        report.causes.append(
+            f"{name} writes `{path}` per tower, and its aggregation ({aggregation!r}) does "
+            f"not combine the towers' values as one device computes it (max relative "
+            f"difference {value:.2e}); choose aggregation='sum', 'mean' or "
+            "'only_first_replica' to match what the variable means"
+        )
+        explained.add(f"state {path}")
+    step = report.differing("step result") + report.differing("update of")
+    if step:
+        what, worst = max(step, key=lambda item: item[1])
+        report.causes.append(
+            "the model's own train_step gives other results through the towers: each tower "
+            "computes the step's losses on its slice of the batch, so a loss over the whole "
+            f"batch (in-batch, contrastive) differs ({what}: {worst:.2e})"
+        )
+    drawing = [
+        layer.name
+        for layer in _keras_compat.sublayers(template)
+        if any(isinstance(v, keras.random.SeedGenerator) for v in vars(layer).values())
+        and not any(hasattr(layer, name) for name in ("rate", "stddev"))
+    ]
+    if training and not report.causes and drawing:
+        names = ", ".join(f"`{n}`" for n in drawing)
+        report.notes.append(
+            f"layers {names} draw random numbers (expected to differ per tower): what differs "
+            "with training=True is put down to them"
+        )
+    elif training and not report.causes:
+        what, worst = max(training, key=lambda item: item[1])
+        report.causes.append(
+            f"outputs or gradients differ with training=True for a reason replicate cannot "
+            f"name ({what}: max relative difference {worst:.2e})"
+        )
+
+
+def _layer(model: keras.Model, name: str) -> keras.Layer:
+    return next(layer for layer in _keras_compat.sublayers(model) if layer.name == name)

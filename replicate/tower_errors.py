@@ -1,0 +1,78 @@
+"""Errors raised inside a tower say that the batch was split, and how.
+
+A model that assumes the size of the batch (a reshape to a fixed batch, a
+hard-coded `batch_size`, a state sized for the global batch) trains on one
+device and fails inside a tower, which sees only its slice. The error then
+names the tower, its device, its slice and the global batch, and the likely
+cause. Errors raised while the towers are traced get a note
+(`describing`); errors raised while a step runs are recognised by the name
+scope `tower_i` of the failing op (`described`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+
+import tensorflow as tf
+
+from replicate import reduce
+
+_TOWER_SCOPE = re.compile(r"(?:^|[^\w])tower_(\d+)/")
+
+
+def describe_tower(i: int, devices: Sequence[str], batch: int | None) -> str:
+    """What an error inside tower `i` should say: the batch was split, and how.
+
+    Args:
+        i: The tower.
+        devices: Every tower's device.
+        batch: The global batch's size, if known (`None` otherwise).
+    """
+    counts = None if batch is None else reduce.split_counts(batch, len(devices))
+    if counts is None:
+        held = (
+            f"its slice of the global batch (split as evenly as possible over "
+            f"{len(devices)} towers)"
+        )
+    else:
+        held = f"{counts[i]} of the global batch of {sum(counts)} samples (slices {counts})"
+    return (
+        f"replicate: this error was raised in tower {i} of {len(devices)} (device "
+        f"{devices[i]}), which ran the model on {held}. Each tower sees only its slice: a "
+        "model that assumes the batch size (a reshape to a fixed batch, a hard-coded "
+        "`batch_size`, a state sized for the global batch) fails there. Use the batch's own "
+        "size (`ops.shape(x)[0]`, or -1 in a reshape)."
+    )
+
+
+@contextlib.contextmanager
+def describing(i: int, devices: Sequence[str], batch: int | None) -> Iterator[None]:
+    """Adds `describe_tower`'s note to an error raised while tower `i` is built."""
+    try:
+        yield
+    except Exception as error:
+        if not any(
+            str(n).startswith("replicate: this error") for n in getattr(error, "__notes__", [])
+        ):
+            error.add_note(describe_tower(i, devices, batch))
+        raise
+
+
+def described(
+    error: tf.errors.OpError, devices: Sequence[str], batch: int | None
+) -> tf.errors.OpError | None:
+    """`error` (raised while a step ran) with `describe_tower`'s words, or `None` if it did
+    not come from a tower.
+
+    Args:
+        error: What TensorFlow raised; its message names the failing op.
+        devices: Every tower's device.
+        batch: The size of the global batch of the failing step, if known.
+    """
+    found = _TOWER_SCOPE.search(str(error))
+    if found is None or int(found.group(1)) >= len(devices):
+        return None
+    note = describe_tower(int(found.group(1)), devices, batch)
+    return type(error)(error.node_def, error.op, f"{error.message}\n\n{note}")

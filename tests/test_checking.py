@@ -1,0 +1,264 @@
+"""replicate.check: towers against one device, each cause named, exact models silent."""
+
+import warnings
+
+import keras
+import model_zoo
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import ops
+
+import replicate
+
+RNG = np.random.default_rng(71)
+X = RNG.normal(size=(40, 6)).astype("float32")
+Y = RNG.integers(0, 3, size=40).astype("int32")
+
+
+def _compiled(model, loss=None):
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def _mlp(*layers, seed=1):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(8, name="hidden"), *layers, keras.layers.Dense(3)]
+    )
+
+
+def _state(model):
+    return [v.numpy().copy() for v in model.variables]
+
+
+class CenterOnBatch(keras.layers.Layer):
+    """Subtracts the batch mean in inference too: the output of a sample depends on the
+    others (like keras.io's collaborative filtering, whose tensordot sums over the batch)."""
+
+    def call(self, x):
+        return x - ops.mean(x, axis=0, keepdims=True)
+
+
+class FixedBatch(keras.layers.Layer):
+    """Reshapes to the batch size it was written for (40)."""
+
+    def call(self, x):
+        return ops.reshape(ops.reshape(x, (40, 2, 4)), (-1, 8))
+
+
+class SamplesSeen(keras.layers.Layer):
+    """A user's counter left at Keras' default aggregation."""
+
+    def build(self, shape):
+        self.seen = self.add_weight(shape=(), initializer="zeros", trainable=False, name="seen")
+
+    def call(self, x, training=False):
+        if training:
+            self.seen.assign_add(ops.cast(ops.shape(x)[0], "float32"))
+        return x
+
+
+class InBatchContrastive(keras.Model):
+    """Its own train_step with a loss over the whole batch (each sample's negatives are the
+    other samples, as in keras.io's SimCLR)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = keras.layers.Dense(4)
+        self.tracker = keras.metrics.Mean(name="loss")
+
+    def call(self, x):
+        return self.encoder(x)
+
+    @property
+    def metrics(self):
+        return [self.tracker]
+
+    def train_step(self, data):
+        x, _ = data
+        with tf.GradientTape() as tape:
+            z = tf.math.l2_normalize(self(x, training=True), axis=1)
+            logits = tf.matmul(z, z, transpose_b=True) / 0.1
+            labels = tf.range(tf.shape(z)[0])
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+        grads = tape.gradient(loss, self.trainable_weights)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
+        self.tracker.update_state(loss)
+        return {"loss": self.tracker.result()}
+
+
+def _contrastive():
+    keras.utils.set_random_seed(4)
+    model = InBatchContrastive()
+    model(X[:1])
+    model.compile(keras.optimizers.SGD(0.1))
+    return model
+
+
+CAUSES = {
+    "mixes samples": (
+        lambda: _compiled(_mlp(CenterOnBatch(name="center"))),
+        r"^the forward pass mixes samples across the batch: outputs differ with training=False "
+        r"\(output 0, training=False: max relative difference \d\.\d\de[+-]\d\d\)$",
+    ),
+    "batch normalization": (
+        lambda: _compiled(_mlp(keras.layers.BatchNormalization(name="bn1"))),
+        r"^BatchNormalization layers `bn1` normalize per tower; use synchronized=True$",
+    ),
+    "fixed batch size": (
+        lambda: _compiled(_mlp(FixedBatch(name="fixed"))),
+        r"^a tower's slice failed: the model seems to assume a fixed batch size "
+        r"\((InvalidArgumentError|ValueError): .*\)$",
+    ),
+    "aggregation": (
+        lambda: _compiled(_mlp(SamplesSeen(name="samples_seen"))),
+        r"^layer `samples_seen` writes `sequential(_\d+)?/samples_seen/seen` per tower, and its "
+        r"aggregation \('none'\) does not combine the towers' values as one device computes "
+        r"it \(max relative difference .*\); choose aggregation='sum', 'mean' or "
+        r"'only_first_replica' to match what the variable means$",
+    ),
+    "own train_step": (
+        _contrastive,
+        r"^the model's own train_step gives other results through the towers: each tower "
+        r"computes the step's losses on its slice of the batch, so a loss over the whole batch "
+        r"\(in-batch, contrastive\) differs \(.*\)$",
+    ),
+}
+
+
+@pytest.mark.parametrize("cause", list(CAUSES))
+def test_each_cause_is_named(cause, devices):
+    make, pattern = CAUSES[cause]
+    model = make()
+    before = _state(model)
+    report = replicate.check(model, X, Y, devices=devices[:3], batch_size=40)
+    assert not report.exact
+    assert len(report.causes) == 1, report.causes
+    assert __import__("re").match(pattern, report.causes[0]), report.causes[0]
+    # The check wrote nothing: weights, state and seeds as before.
+    for a, b in zip(before, _state(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("cause", ["mixes samples", "batch normalization"])
+def test_one_tower_is_always_the_same(cause, devices):
+    make, _ = CAUSES[cause]
+    assert replicate.check(make(), X, Y, devices=devices[:1]).exact
+
+
+def _multi_output():
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    return keras.Model(
+        inputs,
+        {
+            "label": keras.layers.Dense(3, name="label")(hidden),
+            "score": keras.layers.Dense(1, activation="sigmoid", name="score")(hidden),
+        },
+    )
+
+
+EXACT = {
+    "mlp": lambda: _compiled(_mlp()),
+    "dropout": lambda: _compiled(_mlp(keras.layers.Dropout(0.5, name="drop"))),
+    "synchronized batch normalization": lambda: _compiled(
+        _mlp(keras.layers.BatchNormalization(synchronized=True))
+    ),
+    "two optimizers (own train_step)": lambda: model_zoo.compile_two(model_zoo.two_step()),
+}
+
+
+@pytest.mark.parametrize("name", list(EXACT))
+def test_exact_models_pass(name, devices):
+    report = replicate.check(EXACT[name](), X, Y, devices=devices[:3])
+    assert report.exact, str(report)
+    assert report.slices == [3, 2, 2]
+    assert max(v for _, v in report.differences) <= report.rtol
+    if name == "dropout":  # recognised, not a false alarm
+        assert report.notes == [
+            "layers `drop` draw random numbers; compared with their randomness off (their "
+            "draws differ per tower by design, as between any two runs)"
+        ]
+
+
+def test_multi_output_model_passes_and_prints_every_comparison(devices):
+    model = _multi_output()
+    model.compile(
+        optimizer="sgd",
+        loss={"label": keras.losses.SparseCategoricalCrossentropy(True), "score": "mse"},
+    )
+    y = {"label": Y, "score": RNG.random((40, 1)).astype("float32")}
+    report = replicate.check(model, X, y, devices=devices[:2])
+    assert report.exact, str(report)
+    text = str(report)
+    assert text.startswith(
+        "replicate.check: 2 towers on slices [3, 2] against one device: the same"
+    )
+    assert "output 1, training=True" in text and "loss, training=True" in text
+
+
+def test_the_demo_convnet_passes(devices):
+    from replicate import demo
+
+    (x, y), _ = demo.load_digits()
+    model = demo.make_convnet()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    report = replicate.check(model, x[:64], y[:64], devices=devices[:3])
+    assert report.exact, str(report)  # synchronized BatchNormalization; Dropout recognised
+    assert report.notes[0].startswith("layers `dropout")
+
+
+def test_fit_checks_once_and_warns_with_the_cause(devices):
+    model = _compiled(_mlp(keras.layers.BatchNormalization(name="bn1")))
+    parallel = replicate.replicate(model, devices[:3])
+    _compiled(parallel)
+    with pytest.warns(UserWarning) as record:
+        parallel.fit(X, Y, batch_size=10, epochs=1, verbose=0)
+    messages = [str(w.message) for w in record if str(w.message).startswith("replicate:")]
+    assert messages == [
+        "replicate: this model does not train as on one device through 3 towers: "
+        "BatchNormalization layers `bn1` normalize per tower; use synchronized=True. "
+        "`print(replicate.check(model, x, y))` shows every comparison. To train anyway without "
+        "this check, pass `check=False` to `replicate.replicate`; `check='strict'` raises "
+        "instead of warning."
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parallel.fit(X, Y, batch_size=10, epochs=1, verbose=0)  # once per model
+
+
+def test_check_false_is_silent_and_strict_raises(devices):
+    make = CAUSES["batch normalization"][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = _compiled(replicate.replicate(make(), devices[:3], check=False))
+        quiet.fit(X, Y, batch_size=10, epochs=1, verbose=0)
+    strict = _compiled(replicate.replicate(make(), devices[:3], check="strict"))
+    before = _state(strict.template)
+    with pytest.raises(ValueError, match=r"normalize per tower.*check='strict' was passed"):
+        strict.fit(X, Y, batch_size=10, epochs=1, verbose=0)
+    for a, b in zip(before, _state(strict.template), strict=True):
+        np.testing.assert_array_equal(a, b)  # refused before any step
+    with pytest.raises(ValueError, match=r"`check` must be True, False or 'strict'. Received"):
+        replicate.replicate(make(), devices[:3], check="warn")
+
+
+def test_exact_models_fit_in_silence(devices):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("mlp", "dropout"):
+            parallel = _compiled(replicate.replicate(EXACT[name](), devices[:3]))
+            parallel.fit(X, Y, batch_size=10, epochs=1, verbose=0)
+
+
+def test_a_generator_is_refused_with_what_to_pass(devices):
+    def batches():
+        yield X, Y
+
+    with pytest.raises(ValueError, match=r"cannot look into a Python generator.*one batch"):
+        replicate.check(_compiled(_mlp()), batches(), devices=devices[:2])
