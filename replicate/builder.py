@@ -114,7 +114,7 @@ class ReplicaBuilder:
             )
         self.model = model
         self.backend = backend
-        self._last_batch: tf.Variable | None = None
+        self.errors = tower_errors.TowerErrors(self.devices)
         if require_weights:
             self.require_weights()
         self.tower_pass = TowerPass(model)
@@ -248,22 +248,14 @@ class ReplicaBuilder:
     def slices(self, structure: Any) -> reduce.Slices:
         """`structure` cut into one non-empty slice per tower, on the variable device.
 
-        The global batch's size is recorded as the slices are cut, so that an
-        error raised later, while a step runs, can say what each tower held.
+        The global batch's size is recorded as the slices are cut (`self.errors`),
+        so that an error raised later, while a step runs, can say what each
+        tower held.
         """
         with tf.device(self.variable_device):
             slices = reduce.tower_slices(structure, self.num_towers)
-            if self._last_batch is None:
-                with tf.init_scope():
-                    self._last_batch = tf.Variable(-1, trainable=False, dtype=tf.int32)
-            self._last_batch.assign(tf.reduce_sum(slices.sizes))
+            self.errors.record(tf.reduce_sum(slices.sizes))
             return slices
-
-    def describe_error(self, error: tf.errors.OpError) -> tf.errors.OpError | None:
-        """`error`, raised while a step ran, with what its tower held; `None` if no tower
-        of this builder raised it (see `replicate.tower_errors`)."""
-        batch = -1 if self._last_batch is None else int(self._last_batch.numpy())
-        return tower_errors.described(error, self.devices, None if batch < 0 else batch)
 
     def group(self, slices: reduce.Slices, **options: Any) -> TowerGroup:
         """The towers of one step; threaded where layers synchronize the towers."""
@@ -299,6 +291,8 @@ class ReplicaBuilder:
                 [v.value for v in row_variables], self.num_towers, sizes=slices.sizes
             ).parts
 
+        shared = not group.threaded  # towers that meet mid-pass are traced each on its own
+
         def forward(i):
             with tower_errors.describing(i, self.devices, slices.batch):
                 return self.tower_pass.forward(
@@ -309,6 +303,7 @@ class ReplicaBuilder:
                     rows[i],
                     training,
                     watch=watch,
+                    shared=shared,
                 )
 
         return group.run(forward), values
@@ -326,7 +321,7 @@ class ReplicaBuilder:
         slices = self.slices(x)
         towers, values = self.forward_passes(self.group(slices), slices, False, False)
         with tf.device(self.variable_device):
-            self._write(towers, values, slices, processes=processes)
+            self.state_writer.write_towers(towers, values, slices, processes=processes)
             model_loss = _merge.combine_model_losses(towers, slices.weights)
             if not merge:
                 return [t.outputs for t in towers], model_loss
@@ -383,31 +378,5 @@ class ReplicaBuilder:
                     for *column, direct in zip(*tower_grads, result.direct)
                 ]
         with tf.device(self.variable_device):
-            self._write(towers, values, slices)
+            self.state_writer.write_towers(towers, values, slices)
         return Step(loss, grads, merged, [t.outputs for t in towers], slices)
-
-    def _write(self, towers: list, values: list, slices: reduce.Slices, **options: Any) -> None:
-        """Writes what the towers wrote: state, trainable weights, rows of row-aligned state."""
-        model, writer = self.model, self.state_writer
-        writer.write(
-            model.non_trainable_variables, [t.updates for t in towers], values, slices, **options
-        )
-        if any(w is not None for t in towers for w in t.writes):
-            old = [tf.convert_to_tensor(v.value) for v in model.trainable_variables]
-            writer.write(
-                model.trainable_variables, [t.writes for t in towers], old, slices, **options
-            )
-        writer.write_rows(row_states(model), [t.rows for t in towers], slices)
-
-    def write_state(
-        self,
-        variables: list[Any],
-        per_tower: list[list[Any]],
-        old: list[tf.Tensor],
-        slices: reduce.Slices,
-        *,
-        processes: bool = True,
-    ) -> None:
-        """Writes `variables` once, combining the towers' new values (`None`:
-        unchanged) by each variable's aggregation; over processes too."""
-        self.state_writer.write(variables, per_tower, old, slices, processes=processes)

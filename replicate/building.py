@@ -33,18 +33,30 @@ def first_batch(call: dict[str, Any]) -> Any:
     if isinstance(x, keras.utils.PyDataset):
         return x[0]
     leaves = tf.nest.flatten(x)
-    if not leaves or not all(isinstance(v, (np.ndarray, tf.Tensor)) for v in leaves):
+    kinds = (np.ndarray, tf.Tensor, tf.RaggedTensor, tf.SparseTensor)
+    if not leaves or not all(isinstance(v, kinds) for v in leaves):
         return None
     rows = call.get("batch_size") or 32
 
     def head(a):
-        return None if a is None else a[:rows]
+        return rows_of(a, rows)
 
     parts = [tf.nest.map_structure(head, x)]
     for key in ("y", "sample_weight"):
         if call.get(key) is not None:
             parts.append(tf.nest.map_structure(head, call[key]))
     return tuple(parts) if len(parts) > 1 else parts[0]
+
+
+def rows_of(t: Any, n: int) -> Any:
+    """The first `n` rows of a dense, ragged or sparse tensor or array (`None` stays)."""
+    if t is None:
+        return None
+    if isinstance(t, tf.SparseTensor):
+        shape = tf.cast(t.dense_shape, tf.int64)
+        size = tf.concat([[tf.minimum(tf.cast(n, tf.int64), shape[0])], shape[1:]], 0)
+        return tf.sparse.slice(t, tf.zeros_like(shape), size)
+    return t[:n]
 
 
 def ensure_weights(template: keras.Model, builder: Any, call: dict[str, Any]) -> None:

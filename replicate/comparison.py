@@ -8,7 +8,6 @@ and the towers as `fit` runs them. Nothing is written.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,9 +15,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from replicate import _keras_compat, merge, reduce, steps
-from replicate.backends import LocalBackend
+from replicate import _keras_compat, merge, reduce, step_comparison, steps
 from replicate.builder import ReplicaBuilder
+from replicate.step_comparison import error_line, relative_difference
 from replicate.tower import is_seed_state, row_states
 
 DEFAULT_RTOL = 1e-4
@@ -65,17 +64,6 @@ class Report:
         width = max((len(k) for k, _ in self.differences), default=0)
         lines += [f"  {k:<{width}}  {v:.2e}" for k, v in self.differences]
         return "\n".join(lines)
-
-
-def _relative(a: Any, b: Any, floor: float = 1e-12) -> float:
-    """max |a - b| / max |b|, with `floor` as the least denominator (a quantity that is
-    zero in exact arithmetic is rounding noise, measured against its kind's scale)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape:
-        return float("inf")
-    if a.size == 0:
-        return 0.0
-    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), floor))
 
 
 def _numpy(t: Any) -> np.ndarray:
@@ -151,20 +139,6 @@ def _batch_loss(model, x, y, y_pred, sample_weight, model_loss) -> tf.Tensor:
     )
 
 
-class _Twin:
-    """What a model's own step needs of a replicated model, on one process: no collective."""
-
-    def __init__(self, template: keras.Model, builder: ReplicaBuilder) -> None:
-        self.template, self.builder = template, builder
-        self.backend = LocalBackend()
-
-    def share(self, count: tf.Tensor) -> None:
-        return None
-
-    def combined_results(self, metrics: list) -> list:
-        return [m.result() for m in metrics]
-
-
 def _owner(model: keras.Model, variable: Any) -> keras.Layer | None:
     owners = [
         layer
@@ -207,7 +181,7 @@ def compare(
                 report.notes.append(
                     f"the model does not run on {reference_size(batch)} samples on one device "
                     f"either, so it was not checked ({type(error).__name__}: "
-                    f"{_first_line(error)})"
+                    f"{error_line(error)})"
                 )
                 return
             try:
@@ -215,7 +189,7 @@ def compare(
             except Exception as error:
                 report.causes.append(
                     "a tower's slice failed: the model seems to assume a fixed batch size "
-                    f"({type(error).__name__}: {_first_line(error)})"
+                    f"({type(error).__name__}: {error_line(error)})"
                 )
                 return
             report.slices = many.sizes
@@ -223,7 +197,7 @@ def compare(
     else:
         report.notes.append("the model has no `call` of its own: its forward pass was not run")
     if steps.overridden(template, "train_step"):
-        _compare_step(report, template, reference, towers, batch)
+        step_comparison.compare_step(report, template, reference, towers, batch)
     _name_causes(report, template)
 
 
@@ -232,22 +206,14 @@ def reference_size(batch: Any) -> int:
     return int(reduce.batch_size(x))
 
 
-def _first_line(error: BaseException) -> str:
-    """The line of an error message that says what went wrong (Keras' wrapper lines and
-    terminal colours left out)."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
-    lines = [line for line in lines if line and not line.startswith("Exception encountered")]
-    return lines[0][:300] if lines else type(error).__name__
-
-
 def _differences(report: Report, one: _Pass, many: _Pass, template, mode: str) -> None:
     for k, (a, b) in enumerate(
         zip(tf.nest.flatten(many.outputs), tf.nest.flatten(one.outputs), strict=True)
     ):
         if a is not None:
-            report.differences.append((f"output {k}, {mode}", _relative(a, b)))
+            report.differences.append((f"output {k}, {mode}", relative_difference(a, b)))
     if one.loss is not None:
-        report.differences.append((f"loss, {mode}", _relative(many.loss, one.loss)))
+        report.differences.append((f"loss, {mode}", relative_difference(many.loss, one.loss)))
     pairs = zip(template.trainable_variables, many.grads, one.grads) if one.grads else ()
     grads = [
         (
@@ -262,88 +228,12 @@ def _differences(report: Report, one: _Pass, many: _Pass, template, mode: str) -
     # rounding noise on both sides: measure it against the gradients' scale.
     scale = max((float(np.max(np.abs(b))) for _, _, b in grads if b.size), default=0.0)
     for variable, a, b in grads:
-        value = _relative(a, b, floor=max(1e-3 * scale, 1e-12))
+        value = relative_difference(a, b, floor=max(1e-3 * scale, 1e-12))
         report.differences.append((f"gradient {variable.path}, {mode}", value))
     for path in sorted(set(one.state) | set(many.state)):
         a, b = many.state.get(path), one.state.get(path)
-        value = float("inf") if a is None or b is None else _relative(a, b)
+        value = float("inf") if a is None or b is None else relative_difference(a, b)
         report.differences.append((f"state {path}, {mode}", value))
-
-
-def _compare_step(
-    report: Report,
-    template: keras.Model,
-    reference: ReplicaBuilder,
-    towers: ReplicaBuilder,
-    batch: Any,
-) -> None:
-    """Runs the model's own `train_step` on one device and on the towers, from the same
-    start, with fresh copies of its optimizers; everything is put back after."""
-    variables = list(template.variables) + [v for m in template.metrics for v in m.variables]
-    saved = [v.numpy() for v in variables]
-    start = {v.path: v.numpy() for v in template.trainable_variables}
-    seeds = [v for v in template.non_trainable_variables if is_seed_state(v)]
-
-    def run(builder):
-        with _fresh_optimizers(template):
-            logs = steps.TowerRun(_Twin(template, builder), batch)("train_step")
-            drew = any(not np.array_equal(v.numpy(), saved[variables.index(v)]) for v in seeds)
-            after = {v.path: v.numpy() - start[v.path] for v in template.trainable_variables}
-        for variable, value in zip(variables, saved):
-            variable.assign(value)
-        flat = {f"step result {k}": v for k, v in _flat_logs(logs).items()}
-        return flat, after, drew
-
-    try:
-        one, one_weights, drew = run(reference)
-        many, many_weights, _ = run(towers)
-    except Exception as error:
-        report.notes.append(
-            f"the model's own train_step could not be compared ({type(error).__name__}: "
-            f"{_first_line(error)})"
-        )
-        for variable, value in zip(variables, saved):
-            variable.assign(value)
-        return
-    if drew:
-        report.notes.append(
-            "the model's own train_step draws random numbers (its noise differs per tower by "
-            "design): its results were not compared, only its forward pass"
-        )
-        return
-    for key in sorted(set(one) & set(many)):
-        report.differences.append((key, _relative(many[key], one[key])))
-    for path, value in one_weights.items():
-        report.differences.append(
-            (f"weight after the step {path}", _relative(many_weights[path], value))
-        )
-
-
-class _fresh_optimizers:
-    """Gives the model fresh copies of the optimizers it holds for the duration."""
-
-    def __init__(self, template: keras.Model) -> None:
-        self.template = template
-        self.saved: list[tuple[str, Any]] = []
-
-    def __enter__(self):
-        for name, value in list(vars(self.template).items()):
-            if isinstance(value, keras.optimizers.Optimizer):
-                copy = type(value).from_config(value.get_config())
-                self.saved.append((name, value))
-                object.__setattr__(self.template, name, copy)
-        return self
-
-    def __exit__(self, *args):
-        for name, value in self.saved:
-            object.__setattr__(self.template, name, value)
-        return False
-
-
-def _flat_logs(logs: Any) -> dict[str, np.ndarray]:
-    if isinstance(logs, dict):
-        return {str(k): np.asarray(v) for k, v in logs.items() if tf.is_tensor(v) or np.isscalar(v)}
-    return {str(i): np.asarray(v) for i, v in enumerate(tf.nest.flatten(logs)) if v is not None}
 
 
 def _name_causes(report: Report, template: keras.Model) -> None:

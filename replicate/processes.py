@@ -246,7 +246,7 @@ def step_function(
             with watchdog.waiting():
                 return function(iterator)
         except tf.errors.OpError as error:
-            described = parallel.builder.describe_error(error)
+            described = parallel.builder.errors.describe(error)
             if described is None:
                 raise
             raise described from error

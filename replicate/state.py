@@ -18,7 +18,7 @@ import keras
 import tensorflow as tf
 
 from replicate import _keras_compat, reduce
-from replicate.tower import SEED_STRIDE, is_seed_state
+from replicate.tower import SEED_STRIDE, is_seed_state, row_states
 
 
 class StateWriter:
@@ -50,6 +50,29 @@ class StateWriter:
         unchanged) by each variable's aggregation; over processes too."""
         for variable, value in self.combine(variables, per_tower, old, slices, processes=processes):
             variable.assign(value)
+
+    def write_towers(
+        self, towers: Sequence[Any], values: Sequence[tf.Tensor], slices: reduce.Slices, **options
+    ) -> None:
+        """Writes what the towers' forward passes (`replicate.tower.Tower`) wrote: state,
+        trainable weights, and the rows of row-aligned state.
+
+        Args:
+            towers: The forward passes.
+            values: The non-trainable variables' values at the step's start.
+            slices: The step's slices.
+            **options: `processes=` of `write`.
+        """
+        model = self.model
+        self.write(
+            model.non_trainable_variables, [t.updates for t in towers], values, slices, **options
+        )
+        if any(w is not None for t in towers for w in t.writes):
+            old = [tf.convert_to_tensor(v.value) for v in model.trainable_variables]
+            self.write(
+                model.trainable_variables, [t.writes for t in towers], old, slices, **options
+            )
+        self.write_rows(row_states(model), [t.rows for t in towers], slices)
 
     def combine(
         self,

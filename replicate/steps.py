@@ -232,7 +232,7 @@ class TowerRun:
             [self._changed(scope, v, initial.get(id(v))) for v in state_variables]
             for scope, initial in scopes
         ]
-        self.builder.write_state(state_variables, per_tower, state, self.slices)
+        self.builder.state_writer.write(state_variables, per_tower, state, self.slices)
         metric_variables = [v for m in self.model.metrics for v in m.variables]
         known = {id(v) for v in metric_variables} | {id(v) for v in state_variables}
         for scope, _ in scopes:
@@ -241,7 +241,9 @@ class TowerRun:
             [self._changed(scope, v, None) for v in metric_variables] for scope, _ in scopes
         ]
         old = [tf.convert_to_tensor(v.value) for v in metric_variables]
-        self.builder.write_state(metric_variables, per_tower, old, self.slices, processes=False)
+        self.builder.state_writer.write(
+            metric_variables, per_tower, old, self.slices, processes=False
+        )
 
     @staticmethod
     def _changed(scope: keras.StatelessScope, variable: Any, initial: Any) -> Any:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -130,8 +131,9 @@ class TowerPass:
         self.model = model
         self.jit_compile = jit_compile
         self._training_arg = _call_accepts_training(model)
-        self._compiled: Callable[..., Any] | None = None
+        self._functions: dict[bool, Callable[..., Any]] = {}
         self._logit_kinds: list[tuple[bool, str | None]] = []
+        self.traces = 0  # how many times the forward pass was traced (its Python ran)
 
     # -- random seeds -----------------------------------------------------------
 
@@ -151,6 +153,7 @@ class TowerPass:
 
     def _call(self, trainable, state, rows, x, training):
         """One stateless model call: outputs, masks, logits, writes and model losses."""
+        self.traces += 1
         model = self.model
         row_variables = row_states(model)
         mapping = list(zip(model.trainable_variables, trainable)) + list(
@@ -205,12 +208,23 @@ class TowerPass:
                 "out of `call`."
             )
 
-    def _call_function(self) -> Callable[..., Any]:
-        if not self.jit_compile:
+    def _call_function(self, shared: bool) -> Callable[..., Any]:
+        """The forward call: one traced function that every tower calls under its device
+        scope (an XLA computation with `jit_compile`), so that the model is traced once
+        whatever the number of towers; inline where the towers meet mid-pass
+        (`shared=False`: synchronized layers) or run eagerly."""
+        if not self.jit_compile and (not shared or tf.executing_eagerly()):
             return self._call
-        if self._compiled is None:
-            self._compiled = tf.function(self._call, jit_compile=True, reduce_retracing=True)
-        return self._compiled
+        if self.jit_compile not in self._functions:
+            self._functions[self.jit_compile] = tf.function(
+                self._call,
+                jit_compile=self.jit_compile,
+                reduce_retracing=True,
+                experimental_attributes=None
+                if os.environ.get("RT_INLINE")
+                else {"_noinline": True},
+            )
+        return self._functions[self.jit_compile]
 
     def forward(
         self,
@@ -222,6 +236,7 @@ class TowerPass:
         training: bool,
         *,
         watch: bool = True,
+        shared: bool = True,
     ) -> Tower:
         """The forward pass of one tower on `part` (its slice, `size` real rows).
 
@@ -233,15 +248,17 @@ class TowerPass:
             rows: This tower's rows of each row-aligned state (`row_states`).
             training: The model's `training` argument.
             watch: Keep a tape for the backward pass.
+            shared: Call the one traced forward function (see `_call_function`);
+                `False` where the towers meet in the middle of the pass.
         """
         trainable = [tf.identity(v.value) for v in self.model.trainable_variables]
         tape = tf.GradientTape(watch_accessed_variables=False)
         with tape if watch else contextlib.nullcontext():
             if watch:
                 tape.watch(trainable)
-            out, masks, logits, updates, writes, new_rows, scalars, samples = self._call_function()(
-                trainable, self.tower_state(tower, state), rows, part, training
-            )
+            out, masks, logits, updates, writes, new_rows, scalars, samples = self._call_function(
+                shared
+            )(trainable, self.tower_state(tower, state), rows, part, training)
             for t, mask in zip(tf.nest.flatten(out), masks):
                 if mask is not None:
                     _keras_compat.set_mask(t, mask)

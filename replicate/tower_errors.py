@@ -76,3 +76,28 @@ def described(
         return None
     note = describe_tower(int(found.group(1)), devices, batch)
     return type(error)(error.node_def, error.op, f"{error.message}\n\n{note}")
+
+
+class TowerErrors:
+    """Describes the errors of one builder's towers: it records each step's global batch
+    size (one small variable write per step) to say what each tower held.
+
+    Args:
+        devices: The towers' devices.
+    """
+
+    def __init__(self, devices: Sequence[str]) -> None:
+        self.devices = list(devices)
+        self._batch: tf.Variable | None = None
+
+    def record(self, size: tf.Tensor) -> None:
+        """Records the size of the global batch being cut (inside a step, or eagerly)."""
+        if self._batch is None:
+            with tf.init_scope():
+                self._batch = tf.Variable(-1, trainable=False, dtype=tf.int32)
+        self._batch.assign(tf.cast(size, tf.int32))
+
+    def describe(self, error: tf.errors.OpError) -> tf.errors.OpError | None:
+        """`error` with what its tower held, or `None` if it did not come from a tower."""
+        batch = -1 if self._batch is None else int(self._batch.numpy())
+        return described(error, self.devices, None if batch < 0 else batch)

@@ -193,11 +193,12 @@ def test_keras_applications_model(devices, weight_diff):
     # Three towers train it.
     model = _mobilenet()
     before = model.get_weights()
-    history = (
-        compile_(replicate.replicate(model, devices[:3]))
-        .fit(x, y, batch_size=10, epochs=2, verbose=0)
-        .history
-    )
+    with pytest.warns(UserWarning, match=r"`Conv1_bn`, .* and 49 more normalize per tower"):
+        history = (
+            compile_(replicate.replicate(model, devices[:3]))
+            .fit(x, y, batch_size=10, epochs=2, verbose=0)
+            .history
+        )
     assert np.isfinite(history["loss"]).all()
     assert max(float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), before)) > 0
 
@@ -335,7 +336,8 @@ def test_batches_smaller_than_the_towers_with_per_tower_batchnorm(devices):
     y = rng.integers(0, 3, 11)
     model = _conv("batch")
     parallel = _compile(replicate.replicate(model, devices[:3]))
-    history = _fit(parallel, x, y, batch_size=3)
+    with pytest.warns(UserWarning, match=r"BatchNormalization layers .* normalize per tower"):
+        history = _fit(parallel, x, y, batch_size=3)
     assert np.isfinite(history["loss"]).all()
     np.testing.assert_allclose(
         parallel.predict(x[:2], verbose=0), model.predict(x[:2], verbose=0), atol=1e-6

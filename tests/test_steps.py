@@ -156,9 +156,10 @@ def test_unsynchronized_batchnorm_keeps_per_tower_statistics(
     single = _compile(_synchronized(synchronized=False))
     single.fit(x, y, batch_size=10, epochs=2, shuffle=False, verbose=0)
     model = _synchronized(synchronized=False)
-    _compile(replicate.replicate(model, devices[:3])).fit(
-        x, y, batch_size=10, epochs=2, shuffle=False, verbose=0
-    )
+    with pytest.warns(UserWarning, match=r"BatchNormalization layers .* normalize per tower"):
+        _compile(replicate.replicate(model, devices[:3])).fit(
+            x, y, batch_size=10, epochs=2, shuffle=False, verbose=0
+        )
     assert weight_diff(model, single) > 1e-3  # normalized per tower, as documented
 
 

@@ -1,0 +1,125 @@
+"""A model's own `train_step`, compared: run on one device and on the towers from the same
+start, with fresh copies of its optimizers; everything is put back after (`replicate.check`)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from replicate import steps
+from replicate.backends import LocalBackend
+from replicate.builder import ReplicaBuilder
+from replicate.tower import is_seed_state
+
+
+def relative_difference(a: Any, b: Any, floor: float = 1e-12) -> float:
+    """max |a - b| / max |b|, with `floor` as the least denominator (a quantity that is
+    zero in exact arithmetic is rounding noise, measured against its kind's scale)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    if a.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), floor))
+
+
+def error_line(error: BaseException) -> str:
+    """The line of an error message that says what went wrong (Keras' wrapper lines and
+    terminal colours left out)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line and not line.startswith("Exception encountered")]
+    return lines[0][:300] if lines else type(error).__name__
+
+
+class _Twin:
+    """What a model's own step needs of a replicated model, on one process: no collective."""
+
+    def __init__(self, template: keras.Model, builder: ReplicaBuilder) -> None:
+        self.template, self.builder = template, builder
+        self.backend = LocalBackend()
+
+    def share(self, count: tf.Tensor) -> None:
+        return None
+
+    def combined_results(self, metrics: list) -> list:
+        return [m.result() for m in metrics]
+
+
+def compare_step(
+    report: Any,
+    template: keras.Model,
+    reference: ReplicaBuilder,
+    towers: ReplicaBuilder,
+    batch: Any,
+) -> None:
+    """Runs the model's own `train_step` on one device and on the towers, from the same
+    start, with fresh copies of its optimizers; everything is put back after."""
+    variables = list(template.variables) + [v for m in template.metrics for v in m.variables]
+    saved = [v.numpy() for v in variables]
+    start = {v.path: v.numpy() for v in template.trainable_variables}
+    seeds = [v for v in template.non_trainable_variables if is_seed_state(v)]
+
+    def run(builder):
+        with _fresh_optimizers(template):
+            logs = steps.TowerRun(_Twin(template, builder), batch)("train_step")
+            drew = any(not np.array_equal(v.numpy(), saved[variables.index(v)]) for v in seeds)
+            after = {v.path: v.numpy() - start[v.path] for v in template.trainable_variables}
+        for variable, value in zip(variables, saved):
+            variable.assign(value)
+        flat = {f"step result {k}": v for k, v in _flat_logs(logs).items()}
+        return flat, after, drew
+
+    try:
+        one, one_weights, drew = run(reference)
+        many, many_weights, _ = run(towers)
+    except Exception as error:
+        report.notes.append(
+            f"the model's own train_step could not be compared ({type(error).__name__}: "
+            f"{error_line(error)})"
+        )
+        for variable, value in zip(variables, saved):
+            variable.assign(value)
+        return
+    if drew:
+        report.notes.append(
+            "the model's own train_step draws random numbers (its noise differs per tower by "
+            "design): its results were not compared, only its forward pass"
+        )
+        return
+    for key in sorted(set(one) & set(many)):
+        report.differences.append((key, relative_difference(many[key], one[key])))
+    for path, value in one_weights.items():
+        report.differences.append(
+            (f"weight after the step {path}", relative_difference(many_weights[path], value))
+        )
+
+
+class _fresh_optimizers:
+    """Gives the model fresh copies of the optimizers it holds for the duration."""
+
+    def __init__(self, template: keras.Model) -> None:
+        self.template = template
+        self.saved: list[tuple[str, Any]] = []
+
+    def __enter__(self):
+        for name, value in list(vars(self.template).items()):
+            if isinstance(value, keras.optimizers.Optimizer):
+                copy = type(value).from_config(value.get_config())
+                self.saved.append((name, value))
+                object.__setattr__(self.template, name, copy)
+        return self
+
+    def __exit__(self, *args):
+        for name, value in self.saved:
+            object.__setattr__(self.template, name, value)
+        return False
+
+
+def _flat_logs(logs: Any) -> dict[str, np.ndarray]:
+    if isinstance(logs, dict):
+        return {str(k): np.asarray(v) for k, v in logs.items() if tf.is_tensor(v) or np.isscalar(v)}
+    return {str(i): np.asarray(v) for i, v in enumerate(tf.nest.flatten(logs)) if v is not None}
