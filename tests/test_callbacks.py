@@ -19,7 +19,7 @@ def test_warmup_ramps_per_batch_then_holds(mlp_factory, classification_data, dev
     record = keras.callbacks.LambdaCallback(
         on_train_batch_begin=lambda b, logs: seen.append(float(parallel.optimizer.learning_rate))
     )
-    warmup = LearningRateWarmup(0.4, warmup_epochs=2, initial_learning_rate=0.1)
+    warmup = LearningRateWarmup(0.4, warmup_epochs=2, start_learning_rate=0.1)
     history = parallel.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[warmup, record])
     # 4 batches an epoch: 0.1 + 0.3 * (epoch + batch / 4) / 2, then 0.4.
     expected = [0.1 + 0.3 * (e + b / 4) / 2 for e in range(2) for b in range(4)] + [0.4] * 4

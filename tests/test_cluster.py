@@ -25,7 +25,11 @@ def test_tf_config_ranks_the_chief_first():
         ("{not json", r"is not valid JSON.*Read: TF_CONFIG='\{not json'"),
         (
             '{"cluster": {"ps": ["a:1"]}, "task": {"type": "ps", "index": 0}}',
-            r"names jobs \['ps'\]",
+            r"has parameter servers \(job 'ps'\)",
+        ),
+        (
+            '{"cluster": {"trainer": ["a:1"]}, "task": {"type": "trainer", "index": 0}}',
+            r"names jobs \['trainer'\]",
         ),
         ('{"cluster": {"worker": ["a"]}, "task": {"type": "worker", "index": 0}}', r"'host:port'"),
         ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}', r"index 3"),
