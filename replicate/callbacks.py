@@ -121,7 +121,8 @@ class LearningRateWarmup(keras.callbacks.Callback):
         target = target_learning_rate if target_learning_rate is not None else initial_lr
         if not target > 0:
             raise ValueError(
-                f"`target_learning_rate` must be positive. Received: target_learning_rate={target!r}"
+                "`target_learning_rate` must be positive. Received: "
+                f"target_learning_rate={target!r}"
             )
         if start_learning_rate is not None and start_learning_rate < 0:
             raise ValueError(

@@ -138,7 +138,7 @@ def run(args) -> dict[str, Any]:
         times: dict[str, list[float]] = {}
         processes = args.processes or 2
         progress = runner.progress(processes, "consistency")
-        for p in range(processes):
+        for _ in range(processes):
             out = runner.run_worker("replicate.bench.worker", spec, launcher=launcher)
             for key, values in out["times"].items():
                 times.setdefault(key, []).extend(values)

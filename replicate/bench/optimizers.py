@@ -5,9 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from replicate.bench import machine, models, report, runner
-
-from replicate.bench import OPTIMIZERS  # noqa: F401 (the choices, re-exported)
+from replicate.bench import (
+    OPTIMIZERS,  # noqa: F401 (the choices, re-exported)
+    machine,
+    models,
+    report,
+    runner,
+)
 
 # The same hyperparameters for both implementations.
 SETTINGS: dict[str, dict[str, Any]] = {

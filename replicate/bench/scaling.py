@@ -8,9 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from replicate.bench import machine, models, report, runner
-
-from replicate.bench import METHODS  # noqa: F401 (the choices, re-exported)
+from replicate.bench import (
+    METHODS,  # noqa: F401 (the choices, re-exported)
+    machine,
+    models,
+    report,
+    runner,
+)
 
 # Methods that run as n processes of 1 tower, started by their launcher.
 PROCESS_METHODS = ("horovod", "collective")
