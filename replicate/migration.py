@@ -2,9 +2,11 @@
 
 A script moved to replicate from Horovod's Keras API or from
 `MirroredStrategy` often keeps one piece of the old way. Under Keras 3 those
-pieces fail far from the cause (`hvd.DistributedOptimizer`: "'list' object is
-not callable" at the first broadcast; Horovod's callbacks: "'Variable' object
-has no attribute 'ref'" after the first batch). `ReplicatedModel.compile` and
+pieces fail far from the cause, or not at all: Horovod 0.28.1's Keras
+callbacks call Keras 2 functions (`BroadcastGlobalVariablesCallback`:
+"'Variable' object has no attribute 'ref'"; the warm-up: "module
+'keras.backend' has no attribute 'get_value'"), and its optimizer wrapper
+would sum gradients replicate has already summed. `ReplicatedModel.compile` and
 `fit` call `refuse` first, which names the piece and what replicate already
 does in its place. Horovod is recognised by the module of an object's class,
 so nothing here imports it.
@@ -82,8 +84,8 @@ def _refuse_horovod_value(name: str, value: Any) -> None:
         raise TypeError(
             f"`{name}` must be a plain Keras optimizer, not one wrapped by Horovod's "
             "`hvd.DistributedOptimizer`: replicate already sums the gradients of every tower "
-            "and every process before the update, which is what the wrapper is for (under "
-            "Keras 3 it fails at the first broadcast). Pass the optimizer itself, e.g. "
+            "and every process before the update, which is what the wrapper is for. Pass "
+            "the optimizer itself, e.g. "
             f"`{name}=keras.optimizers.{wrapped}(...)`, with its learning rate scaled by the "
             "number of processes as before. Received: "
             f"{name}=hvd.DistributedOptimizer({wrapped}(...))"
@@ -112,7 +114,7 @@ def _refuse_callbacks(callbacks: Any) -> None:
         )
         raise TypeError(
             f"`callbacks` holds Horovod's `{name}`, which replicate replaces: {instead}. "
-            "(Under Keras 3, Horovod's Keras callbacks fail after the first batch.) "
+            "(Horovod 0.28.1's Keras callbacks call Keras 2 functions that Keras 3 lacks.) "
             f"Received: callbacks=[..., {type(callback).__module__}.{name}(...), ...]"
         )
 
