@@ -84,9 +84,45 @@ def test_kubeflow_tfjob_chief_worker_and_evaluator(tmp_path):
     _check_evaluator_refused(results)
 
 
-def test_kubeflow_tfjob_two_workers_as_in_the_example_manifest(tmp_path):
-    tasks = [("worker", 0), ("worker", 1)]
-    results = _run({t: layouts.tfjob({"Worker": 2}, t) for t in tasks}, tmp_path)
+def _manifest():
+    import yaml
+
+    path = WORKER.parent.parent / "examples" / "kubernetes" / "tfjob.yaml"
+    return list(yaml.safe_load_all(path.read_text()))
+
+
+def test_the_example_manifest_is_a_two_worker_collective_tfjob():
+    job, policy = _manifest()
+    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "TFJob")
+    specs = job["spec"]["tfReplicaSpecs"]
+    assert list(specs) == ["Worker"] and specs["Worker"]["replicas"] == 2
+    (container,) = specs["Worker"]["template"]["spec"]["containers"]
+    assert container["name"] == "tensorflow"  # the container the operator configures
+    assert container["command"][:4] == [
+        "python",
+        "examples/train_digits.py",
+        "--backend",
+        "collective",
+    ]
+    assert container["ports"] == [{"name": "tfjob-port", "containerPort": 2222}]
+    # Only the job's own pods may reach the unauthenticated gRPC port.
+    assert policy["kind"] == "NetworkPolicy"
+    selector = {"training.kubeflow.org/job-name": job["metadata"]["name"]}
+    assert policy["spec"]["podSelector"]["matchLabels"] == selector
+    assert policy["spec"]["ingress"] == [
+        {
+            "from": [{"podSelector": {"matchLabels": selector}}],
+            "ports": [{"protocol": "TCP", "port": 2222}],
+        }
+    ]
+
+
+def test_kubeflow_tfjob_workers_as_in_the_example_manifest(tmp_path):
+    replicas = {
+        kind: spec["replicas"] for kind, spec in _manifest()[0]["spec"]["tfReplicaSpecs"].items()
+    }
+    tasks = [("worker", i) for i in range(replicas["Worker"])]
+    results = _run({t: layouts.tfjob(replicas, t) for t in tasks}, tmp_path)
     _check_training(tmp_path, results, tasks)
 
 
