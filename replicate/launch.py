@@ -3,9 +3,10 @@
 One machine: `replicate launch --nproc 2 -- python train.py` starts two
 processes on free ports of the loopback interface: their `TF_CONFIG` names
 `127.0.0.1:<port>`, so the processes reach one another over loopback only.
-TensorFlow's gRPC server itself listens on `0.0.0.0:<port>` whatever host
-`TF_CONFIG` names (TensorFlow offers no choice of address), so on a shared
-network firewall those ports; the README's Security section measures this.
+TensorFlow's gRPC server itself listens on every interface, `[::]:<port>`
+(IPv6 and IPv4), whatever host `TF_CONFIG` names (TensorFlow offers no choice
+of address), so on a shared network firewall those ports; the README's
+Security section measures this.
 Several machines: run the same command on
 each, naming all hosts in the same order and this host's place among them,
 `replicate launch --nproc 2 --hosts a,b --node-rank 0 --port 29400 -- python
