@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 $(DEPS): setup.cfg setup.py pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=61,<81" wheel
-	$(BIN)/python -m pip install --quiet --no-build-isolation '.[test]'
+	$(BIN)/python -m pip install --quiet --no-build-isolation '.[test,demo]'
 	touch $@
 
 # The package itself, installed (not linked) so that tests exercise the artifact.

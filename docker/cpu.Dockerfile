@@ -83,8 +83,8 @@ RUN HOROVOD_WHEEL_CACHE=/tmp/horovod-wheels bash scripts/build-horovod.sh /opt/v
 
 COPY setup.cfg setup.py pyproject.toml README.md ./
 COPY replicate/ replicate/
-RUN pip install --no-cache-dir --no-build-isolation . \
-    && rm -rf build replicate.egg-info
+RUN pip install --no-cache-dir --no-build-isolation "./[demo]" \
+    && rm -rf build keras_replicate.egg-info
 
 COPY scripts/ scripts/
 COPY examples/ examples/

@@ -14,27 +14,57 @@ def _process_count(model: keras.Model) -> int:
     return getattr(backend, "size", 1) if backend is not None else 1
 
 
+def _is_chief(model: keras.Model) -> bool:
+    """Whether this process prints: the model's backend says, else the launcher's environment."""
+    backend = getattr(model, "backend", None)
+    if backend is not None and hasattr(backend, "is_chief"):
+        return bool(backend.is_chief)
+    from replicate.cluster import is_chief
+
+    return is_chief()
+
+
 class LearningRateWarmup(keras.callbacks.Callback):
     """Ramps the learning rate up over the first epochs, batch by batch.
 
     Large global batches (many processes times many towers) train badly if
     they start at the full scaled learning rate. This starts at
     `target / processes` (what one process would use) and reaches `target`
-    linearly after `warmup_epochs`, then leaves it alone.
+    linearly after `warmup_epochs`, then leaves it alone: Goyal et al.'s
+    gradual warm-up, as Horovod's `LearningRateWarmupCallback` does it.
+
+    The first argument is the rate to *reach*, already scaled by the number
+    of processes. Horovod's callback calls that rate `initial_lr`, and that
+    keyword is accepted here with the same meaning, so a call copied from a
+    Horovod script (`initial_lr=0.1 * hvd.size()`) gives the same rates.
+    Where the ramp starts is `start_learning_rate`. (The keyword
+    `initial_learning_rate`, which earlier versions took for the start, is
+    refused with an error: copied from Horovod it meant the target.) One
+    difference from Horovod: its ramp runs one batch ahead (its first batch
+    is already `1 / steps_per_epoch` of an epoch into the warm-up).
 
     Args:
         target_learning_rate: The rate to reach, usually the single-process
             rate times the number of processes.
         warmup_epochs: Epochs of warm-up. Defaults to 5.
-        steps_per_epoch: Batches per epoch; read from `fit` when `None`.
-        initial_learning_rate: Where to start. Defaults to
+        initial_lr: Horovod's name for `target_learning_rate`; give one of
+            the two.
+        start_learning_rate: Where to start. Defaults to
             `target_learning_rate / processes` (processes from the model's
             backend; 1 for an unreplicated model).
-        verbose: 1 prints the rate at the end of warm-up.
+        steps_per_epoch: Batches per epoch; read from `fit` when `None`.
+        momentum_correction: Must be `False`. Horovod's callback scales the
+            momentum during the warm-up by default; a Keras 3 optimizer reads
+            its momentum when the step is traced, so this one cannot.
+        verbose: 1 prints the rate at the end of warm-up, on the chief
+            process only.
 
     Raises:
-        ValueError: For a non-positive `target_learning_rate` or a negative
-            `warmup_epochs`.
+        TypeError: If neither or both of `target_learning_rate` and
+            `initial_lr` are given (unless equal), or for
+            `initial_learning_rate`.
+        ValueError: For a non-positive target, a negative start, a negative
+            `warmup_epochs`, or `momentum_correction=True`.
 
     Example:
 
@@ -47,27 +77,73 @@ class LearningRateWarmup(keras.callbacks.Callback):
 
     def __init__(
         self,
-        target_learning_rate: float,
+        target_learning_rate: float | None = None,
         warmup_epochs: float = 5,
         *,
+        initial_lr: float | None = None,
+        start_learning_rate: float | None = None,
         steps_per_epoch: int | None = None,
-        initial_learning_rate: float | None = None,
+        momentum_correction: bool = False,
         verbose: int = 0,
+        **unknown: Any,
     ) -> None:
         super().__init__()
-        if not target_learning_rate > 0:
+        if "initial_learning_rate" in unknown:
+            raise TypeError(
+                "LearningRateWarmup takes no `initial_learning_rate`: the name is ambiguous "
+                "(Horovod's `initial_lr` is the rate to reach, after scaling by the number of "
+                "processes). Pass the rate to reach as `target_learning_rate` (or `initial_lr`) "
+                "and, if the ramp should not start at target / processes, the start as "
+                "`start_learning_rate`. Received: "
+                f"initial_learning_rate={unknown['initial_learning_rate']!r}"
+            )
+        if unknown:
+            raise TypeError(
+                f"LearningRateWarmup got unexpected keyword arguments {sorted(unknown)}. "
+                "It takes target_learning_rate (or initial_lr), warmup_epochs, "
+                "start_learning_rate, steps_per_epoch, momentum_correction and verbose."
+            )
+        if target_learning_rate is None and initial_lr is None:
+            raise TypeError(
+                "LearningRateWarmup needs the rate to reach: `target_learning_rate` (or "
+                "Horovod's name for it, `initial_lr`)."
+            )
+        if (
+            target_learning_rate is not None
+            and initial_lr is not None
+            and target_learning_rate != initial_lr
+        ):
+            raise TypeError(
+                "`initial_lr` is Horovod's name for `target_learning_rate`; give one. "
+                f"Received: target_learning_rate={target_learning_rate!r}, "
+                f"initial_lr={initial_lr!r}"
+            )
+        target = target_learning_rate if target_learning_rate is not None else initial_lr
+        if not target > 0:
             raise ValueError(
                 "`target_learning_rate` must be positive. Received: "
-                f"target_learning_rate={target_learning_rate!r}"
+                f"target_learning_rate={target!r}"
+            )
+        if start_learning_rate is not None and start_learning_rate < 0:
+            raise ValueError(
+                "`start_learning_rate` must be >= 0. Received: "
+                f"start_learning_rate={start_learning_rate!r}"
             )
         if warmup_epochs < 0:
             raise ValueError(
                 f"`warmup_epochs` must be >= 0. Received: warmup_epochs={warmup_epochs!r}"
             )
-        self.target = float(target_learning_rate)
+        if momentum_correction:
+            raise ValueError(
+                "LearningRateWarmup cannot correct momentum during the warm-up (Horovod's "
+                "`momentum_correction`): a Keras 3 optimizer reads its momentum when the "
+                "training step is traced, so changing it batch by batch has no effect. "
+                "Leave it out. Received: momentum_correction=True"
+            )
+        self.target = float(target)
         self.warmup_epochs = warmup_epochs
         self.steps_per_epoch = steps_per_epoch
-        self.initial = initial_learning_rate
+        self.initial = start_learning_rate
         self.verbose = verbose
         self._epoch = 0
         self._done = False
@@ -95,7 +171,7 @@ class LearningRateWarmup(keras.callbacks.Callback):
         self.model.optimizer.learning_rate = rate
         if rate >= self.target:
             self._done = True
-            if self.verbose:
+            if self.verbose and _is_chief(self.model):
                 print(f"\nLearningRateWarmup: reached learning rate {rate:g}")
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:

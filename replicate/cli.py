@@ -7,6 +7,25 @@ import os
 import sys
 
 
+def check_package() -> None:
+    """Stops a command whose `replicate` package is not this project's.
+
+    The unrelated API client distributed as `replicate` installs a package of
+    the same import name; if it was installed over this one, its
+    `replicate/__init__.py` runs instead of ours.
+    """
+    import replicate
+
+    if getattr(replicate, "__distribution__", None) != "keras-replicate":
+        raise SystemExit(
+            f"replicate: error: the package `replicate` in this environment "
+            f"({getattr(replicate, '__file__', None)}) is not keras-replicate's: another "
+            "distribution of the same import name (the `replicate` API client) was "
+            "installed over it. The two cannot share one environment; install "
+            "keras-replicate in a virtual environment of its own."
+        )
+
+
 def positive_int(text: str) -> int:
     """argparse type: a positive integer, with an error naming the bad text."""
     try:
@@ -76,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         "--port",
         type=positive_int,
         help="first of --nproc consecutive ports on every host (required with --hosts; "
-        "default: free ports on localhost)",
+        "default: free ports on the loopback interface, 127.0.0.1)",
     )
     launch.add_argument(
         "command_line", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="what to run"
@@ -101,6 +120,7 @@ def _tower_devices(count: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    check_package()
     args = _parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.command == "demo":
@@ -165,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{str(target)!r}. Add --overwrite to replace it, or leave out --version to "
                 f"write the next free number ({next_version(args.export_base)})."
             )
-        model = keras.models.load_model(args.model)
+        try:
+            # Keras' safe mode (its default): no code stored in a model file runs.
+            model = keras.models.load_model(args.model, safe_mode=True)
+        except ValueError as error:
+            raise SystemExit(f"replicate export: error: {error}") from None
         try:
             path = export_saved_model(
                 model, args.export_base, version=args.version, overwrite=args.overwrite

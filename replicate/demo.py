@@ -16,8 +16,20 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2):
         `((x_train, y_train), (x_test, y_test))`, images as float32 in
         [0, 1] of shape `(n, 8, 8, 1)`, labels as int32, split with a fixed
         per-class shuffle so that both parts hold every digit.
+
+    Raises:
+        ModuleNotFoundError: If scikit-learn, an optional dependency (the
+            `demo` extra), is not installed; the message says how to add it.
     """
-    from sklearn.datasets import load_digits as sklearn_digits
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            "The demo's 8x8 digits come from scikit-learn, which keras-replicate does not "
+            "install by default. Install the `demo` extra: "
+            "pip install 'keras-replicate[demo]' (or pip install scikit-learn).",
+            name=error.name,
+        ) from error
 
     data = sklearn_digits()
     x = (data.images / 16.0).astype("float32")[..., None]

@@ -1,7 +1,13 @@
 """`replicate launch`: the processes of one job on this machine, each with its `TF_CONFIG`.
 
 One machine: `replicate launch --nproc 2 -- python train.py` starts two
-processes on free localhost ports. Several machines: run the same command on
+processes on free ports of the loopback interface: their `TF_CONFIG` names
+`127.0.0.1:<port>`, so the processes reach one another over loopback only.
+TensorFlow's gRPC server itself listens on every interface, `[::]:<port>`
+(IPv6 and IPv4), whatever host `TF_CONFIG` names (TensorFlow offers no choice
+of address), so on a shared network firewall those ports; the README's
+Security section measures this.
+Several machines: run the same command on
 each, naming all hosts in the same order and this host's place among them,
 `replicate launch --nproc 2 --hosts a,b --node-rank 0 --port 29400 -- python
 train.py` on `a` and `--node-rank 1` on `b` (ports 29400 and up must be free
@@ -28,15 +34,17 @@ from collections.abc import Sequence
 
 # Seconds the other processes get to exit after SIGTERM, before SIGKILL.
 GRACE = 10.0
+# One host: every address the launcher chooses is on the loopback interface.
+LOOPBACK = "127.0.0.1"
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` TCP ports that are free on this machine now."""
+    """`count` TCP ports that are free on the loopback interface now."""
     sockets = []
     try:
         for _ in range(count):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("localhost", 0))
+            s.bind((LOOPBACK, 0))
             sockets.append(s)
         return [s.getsockname()[1] for s in sockets]
     finally:
@@ -49,13 +57,16 @@ def environments(
 ) -> list[dict[str, str]]:
     """The environment variables of this host's `nproc` processes.
 
+    With no `hosts`, the job is this host's alone: its addresses are free
+    ports on the loopback interface (`127.0.0.1`).
+
     Raises:
         ValueError: For a non-positive `nproc`, a `node_rank` outside the
             hosts, or several hosts without a `port`.
     """
     if nproc < 1:
         raise ValueError(f"`nproc` must be a positive integer. Received: nproc={nproc}")
-    hosts = list(hosts) if hosts else ["localhost"]
+    hosts = list(hosts) if hosts else [LOOPBACK]
     if not 0 <= node_rank < len(hosts):
         raise ValueError(
             f"`node_rank` must name one of the {len(hosts)} hosts {hosts} (0 to "

@@ -8,7 +8,17 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from replicate import _keras_compat, building, checking, processes, reduce, results, steps, writers
+from replicate import (
+    _keras_compat,
+    building,
+    checking,
+    migration,
+    processes,
+    reduce,
+    results,
+    steps,
+    writers,
+)
 from replicate.backends import Backend, get_backend
 from replicate.builder import ReplicaBuilder
 from replicate.devices import process_devices
@@ -108,7 +118,11 @@ class ReplicatedModel(keras.Model):
         Raises:
             ValueError: For a `jit_compile` other than `True`, `False` or
                 `"auto"`, or `True` with synchronized BatchNormalization.
+            TypeError: For an optimizer wrapped by Horovod's
+                `DistributedOptimizer` (see `replicate.migration`).
+            RuntimeError: Inside a `tf.distribute` strategy scope.
         """
+        migration.refuse(self.template, (args, kwargs))
         jit_compile = kwargs.pop("jit_compile", False)
         if jit_compile not in (True, False, "auto"):
             raise ValueError(
@@ -261,8 +275,13 @@ class ReplicatedModel(keras.Model):
           validation (a process with fewer samples gets empty batches);
         - only rank 0 shows the progress bar and runs the callbacks that
           write files (`ModelCheckpoint`, `TensorBoard`, `CSVLogger`).
+
+        Horovod's Keras callbacks and optimizer wrapper, and a `tf.distribute`
+        strategy scope, are refused with what replicate does in their place
+        (`replicate.migration`).
         """
         call = processes.bind(keras.Model.fit, self, args, kwargs)
+        migration.refuse(self.template, callbacks=call.get("callbacks"))
         building.ensure_weights(self.template, self._builder, call)
         checking.at_first_fit(self, call, self.check)
         self.check = False  # once

@@ -2,6 +2,7 @@
 
 import json
 
+import cluster_layouts as layouts
 import pytest
 
 from replicate import cluster, launch
@@ -25,7 +26,11 @@ def test_tf_config_ranks_the_chief_first():
         ("{not json", r"is not valid JSON.*Read: TF_CONFIG='\{not json'"),
         (
             '{"cluster": {"ps": ["a:1"]}, "task": {"type": "ps", "index": 0}}',
-            r"names jobs \['ps'\]",
+            r"has parameter servers \(job 'ps'\)",
+        ),
+        (
+            '{"cluster": {"trainer": ["a:1"]}, "task": {"type": "trainer", "index": 0}}',
+            r"names jobs \['trainer'\]",
         ),
         ('{"cluster": {"worker": ["a"]}, "task": {"type": "worker", "index": 0}}', r"'host:port'"),
         ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}', r"index 3"),
@@ -53,6 +58,8 @@ def test_launch_environments_one_host():
     envs = launch.environments(2)
     configs = [json.loads(e["TF_CONFIG"]) for e in envs]
     assert configs[0]["cluster"] == configs[1]["cluster"]
+    # One host: the addresses are on the loopback interface.
+    assert all(a.startswith("127.0.0.1:") for a in configs[0]["cluster"]["worker"])
     assert [c["task"]["index"] for c in configs] == [0, 1]
     assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"]) for e in envs] == [
         ("0", "0", "2"),
@@ -95,3 +102,117 @@ def test_launch_command_line_errors(tmp_path):
     assert result.returncode == 3
     assert "[0] rank 0" in result.stdout and "[1] rank 1" in result.stdout
     assert "replicate launch: process 1 of 2 exited with status 3" in result.stderr
+
+
+# -- the cluster managers' layouts (tests/cluster_layouts.py cites the sources) --------
+
+
+def _read(raw):
+    return cluster.tf_config({"TF_CONFIG": raw})
+
+
+def test_tfjob_chief_workers_and_an_evaluator_in_cluster():
+    replicas = {"Chief": 1, "Worker": 2, "Evaluator": 1}
+    chief = _read(layouts.tfjob(replicas, ("chief", 0)))
+    assert chief.rank == 0 and chief.size == 3
+    assert chief.addresses == [
+        "digits-chief-0.default.svc:2222",
+        "digits-worker-0.default.svc:2222",
+        "digits-worker-1.default.svc:2222",
+    ]
+    # The evaluator is not handed to TensorFlow's runtime: it takes no part in training.
+    assert sorted(chief.jobs) == ["chief", "worker"]
+    second = _read(layouts.tfjob(replicas, ("worker", 1)))
+    assert (second.rank, second.task, second.leader) == (
+        2,
+        ("worker", 1),
+        "/job:chief/replica:0/task:0",
+    )
+
+
+def test_tfjob_workers_only_and_a_master():
+    workers = _read(layouts.tfjob({"Worker": 2}, ("worker", 1)))
+    assert (workers.rank, workers.size) == (1, 2)
+    master = _read(layouts.tfjob({"Master": 1, "Worker": 1}, ("master", 0)))
+    assert (master.rank, master.size, master.leader) == (0, 2, "/job:master/replica:0/task:0")
+    worker = _read(layouts.tfjob({"Master": 1, "Worker": 1}, ("worker", 0)))
+    assert worker.rank == 1
+
+
+def test_vertex_ai_chief_and_workers_with_its_extra_fields():
+    pools = {"chief": 1, "worker": 2}
+    found = _read(layouts.vertex(pools, ("worker", 0)))
+    assert (found.rank, found.size) == (1, 3)
+    assert found.addresses[0] == "cmle-training-workerpool0-3f6b9a1c2d-0:2222"
+    assert _read(layouts.vertex(pools, ("chief", 0), trial="7")).rank == 0
+
+
+def test_sagemaker_multi_worker_mirrored_strategy():
+    found = _read(layouts.sagemaker_mwms(3, 2))
+    assert (found.rank, found.size) == (2, 3)
+    assert found.addresses == ["algo-1:8890", "algo-2:8890", "algo-3:8890"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        layouts.tfjob({"Chief": 1, "Worker": 1, "Evaluator": 1}, ("evaluator", 0)),
+        layouts.vertex({"chief": 1, "worker": 1, "evaluator": 1}, ("evaluator", 0)),
+    ],
+    ids=["tfjob", "vertex"],
+)
+def test_an_evaluator_task_is_told_what_to_change(raw):
+    with pytest.raises(ValueError) as error:
+        _read(raw)
+    message = str(error.value)
+    assert "makes this process the job's evaluator" in message
+    assert "TFJob `Evaluator` replica" in message and "workerPoolSpecs[3]" in message
+    assert "Remove the evaluator from the job spec" in message
+    assert f"Read: TF_CONFIG={raw!r}" in message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        layouts.tfjob({"Chief": 1, "Worker": 1, "PS": 1}, ("worker", 0)),
+        layouts.vertex({"chief": 1, "worker": 1, "ps": 1}, ("chief", 0)),
+        layouts.sagemaker_parameter_server(2, 0),
+        layouts.sagemaker_parameter_server(2, 1),
+    ],
+    ids=["tfjob", "vertex", "sagemaker-master", "sagemaker-worker"],
+)
+def test_parameter_servers_are_refused_with_what_to_change(raw):
+    with pytest.raises(ValueError) as error:
+        _read(raw)
+    message = str(error.value)
+    assert "has parameter servers (job 'ps')" in message
+    assert "remove the `PS` replica spec" in message
+    assert "workerPoolSpecs[2]" in message
+    assert "multi_worker_mirrored_strategy" in message
+
+
+def test_tfjob_sparse_cluster_is_refused():
+    raw = json.dumps(
+        {
+            "cluster": {"worker": {"1": "digits-worker-1.default.svc:2222"}, "ps": []},
+            "task": {"type": "worker", "index": 1},
+        }
+    )
+    with pytest.raises(ValueError, match=r"has parameter servers"):
+        _read(raw)
+    raw = json.dumps(
+        {"cluster": {"worker": {"1": "w1:2222"}}, "task": {"type": "worker", "index": 1}}
+    )
+    with pytest.raises(ValueError, match=r"enableDynamicWorker: false"):
+        _read(raw)
+
+
+def test_chief_and_master_together_are_refused():
+    raw = json.dumps(
+        {
+            "cluster": {"chief": ["a:1"], "master": ["b:1"], "worker": ["c:1"]},
+            "task": {"type": "worker", "index": 0},
+        }
+    )
+    with pytest.raises(ValueError, match=r"more than one chief"):
+        _read(raw)

@@ -107,7 +107,7 @@ def test_ranks_end_identical_and_equal_one_process_with_four_towers(trained, dev
         shuffle=False,
         verbose=0,
         callbacks=[
-            replicate.callbacks.LearningRateWarmup(0.1, warmup_epochs=1, initial_learning_rate=0.05)
+            replicate.callbacks.LearningRateWarmup(0.1, warmup_epochs=1, start_learning_rate=0.05)
         ],
     )
     assert _max_diff(model.get_weights(), w0) <= 1e-5

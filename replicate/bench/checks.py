@@ -122,10 +122,10 @@ def run(args) -> dict[str, Any]:
             "seed": 0,
         }
         rows = []
-        progress = runner.Progress(len(POLICIES), "precision")
+        progress = runner.progress(len(POLICIES), "precision")
         for policy in POLICIES:
             rows.append(runner.run_worker("replicate.bench.worker", {**spec, "policy": policy}))
-            progress.step(policy)
+            progress.add(1)
         payload = {"benchmark": "precision", "machine": info, "settings": spec, "records": rows}
     else:
         spec = {
@@ -137,12 +137,12 @@ def run(args) -> dict[str, Any]:
         launcher = [str(Path(sys.executable).parent / "replicate"), "launch", "--nproc", "2", "--"]
         times: dict[str, list[float]] = {}
         processes = args.processes or 2
-        progress = runner.Progress(processes, "consistency")
-        for p in range(processes):
+        progress = runner.progress(processes, "consistency")
+        for _ in range(processes):
             out = runner.run_worker("replicate.bench.worker", spec, launcher=launcher)
             for key, values in out["times"].items():
                 times.setdefault(key, []).extend(values)
-            progress.step(f"job {p + 1}")
+            progress.add(1)
         payload = {
             "benchmark": "consistency",
             "machine": info,

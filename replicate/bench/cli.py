@@ -1,4 +1,8 @@
-"""`replicate-bench` (or `python -m benchmarks`): scaling|optimizers|precision|consistency."""
+"""`replicate-bench` (or `python -m benchmarks`): scaling|optimizers|precision|consistency.
+
+Parsing imports nothing heavy: `--help` and a wrong argument answer before
+TensorFlow is imported; the benchmark modules load once a command runs.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,8 @@ import argparse
 import os
 import sys
 
-from replicate.bench import models
-from replicate.cli import positive_int
+from replicate import bench
+from replicate.cli import check_package, positive_int
 
 
 def _choices(allowed):
@@ -24,8 +28,6 @@ def _choices(allowed):
 
 
 def parser() -> argparse.ArgumentParser:
-    from replicate.bench import optimizers, scaling
-
     top = argparse.ArgumentParser(
         prog="replicate-bench", description="replicate's benchmarks (ratios against peers)."
     )
@@ -53,29 +55,30 @@ def parser() -> argparse.ArgumentParser:
     sc.add_argument(
         "--model",
         dest="models",
-        type=_choices(models.MODELS),
+        type=_choices(bench.MODELS),
         default=["mlp", "convnet"],
         help="mlp, convnet, resnet or a comma list (default mlp,convnet)",
     )
     sc.add_argument(
         "--methods",
-        type=_choices(scaling.METHODS),
-        default=list(scaling.METHODS),
+        type=_choices(bench.METHODS),
+        default=list(bench.METHODS),
         help="comma list of fit, replicate, mirrored, horovod, collective (default all)",
     )
     op = commands.choices["optimizers"]
     op.add_argument(
         "--optimizer",
         dest="optimizer_names",
-        type=_choices(optimizers.OPTIMIZERS),
-        default=list(optimizers.OPTIMIZERS),
+        type=_choices(bench.OPTIMIZERS),
+        default=list(bench.OPTIMIZERS),
         help="comma list (default all)",
     )
-    op.add_argument("--model", dest="model", choices=models.MODELS, default="mlp")
+    op.add_argument("--model", dest="model", choices=bench.MODELS, default="mlp")
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
+    check_package()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = parser().parse_args(argv)
     if args.command == "scaling":

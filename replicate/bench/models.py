@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-MODELS = ("mlp", "convnet", "resnet")
+from replicate.bench import MODELS  # noqa: F401 (the choices, re-exported)
 
 
 def input_shape(name: str) -> tuple[int, ...]:

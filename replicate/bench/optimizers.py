@@ -5,9 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from replicate.bench import machine, models, report, runner
-
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad")
+from replicate.bench import (
+    OPTIMIZERS,  # noqa: F401 (the choices, re-exported)
+    machine,
+    models,
+    report,
+    runner,
+)
 
 # The same hyperparameters for both implementations.
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -142,7 +146,7 @@ def run(args) -> dict[str, Any]:
     }
     processes = args.processes or (1 if quick else 2)
     machine_info = machine.describe()
-    progress = runner.Progress(processes, "optimizers")
+    progress = runner.progress(processes, "optimizers")
     times: dict[str, list[float]] = {}
     info: dict[str, dict[str, Any]] = {}
     agreement: dict[str, float] = {}
@@ -153,7 +157,7 @@ def run(args) -> dict[str, Any]:
                 times.setdefault(key, []).extend(values)
             info.update(out["info"])
             agreement = out["agreement"]
-            progress.step(f"process {p + 1} of {processes}")
+            progress.add(1)
     records = []
     for key, values in times.items():
         entry = info[key]

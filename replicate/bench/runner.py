@@ -76,26 +76,14 @@ def median(values: Iterable[float]) -> float:
     return float(statistics.median(list(values)))
 
 
-class Progress:
-    """A one-line progress bar over runs, on stderr."""
+def progress(total: int, label: str) -> Any:
+    """A progress bar over `total` benchmark runs: Keras' own `Progbar`.
 
-    def __init__(self, total: int, label: str) -> None:
-        self.total, self.done, self.label = total, 0, label
-        self.start = time.perf_counter()
-        self._draw("")
+    Prints `label` on a line of its own, then returns a
+    `keras.utils.Progbar` (counting runs, with elapsed and remaining time);
+    call `.add(1)` after each run.
+    """
+    import keras
 
-    def step(self, what: str) -> None:
-        self.done += 1
-        self._draw(what)
-
-    def _draw(self, what: str) -> None:
-        width = 30
-        filled = int(width * self.done / max(self.total, 1))
-        elapsed = time.perf_counter() - self.start
-        sys.stderr.write(
-            f"\r{self.label} [{'=' * filled}{' ' * (width - filled)}] "
-            f"{self.done}/{self.total} {elapsed:5.0f}s {what[:40]:<40}"
-        )
-        if self.done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+    print(f"{label}: {total} run{'s' if total != 1 else ''}", flush=True)
+    return keras.utils.Progbar(total, unit_name="run")

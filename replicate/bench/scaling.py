@@ -8,9 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from replicate.bench import machine, models, report, runner
+from replicate.bench import (
+    METHODS,  # noqa: F401 (the choices, re-exported)
+    machine,
+    models,
+    report,
+    runner,
+)
 
-METHODS = ("fit", "replicate", "mirrored", "horovod", "collective")
 # Methods that run as n processes of 1 tower, started by their launcher.
 PROCESS_METHODS = ("horovod", "collective")
 
@@ -137,12 +142,12 @@ def run(args) -> dict[str, Any]:
             "methods": methods,
         }
         launches = [(m, n) for m in process_methods for n in counts[1:]]
-        progress = runner.Progress(processes * (1 + len(launches)), f"scaling {name}")
+        progress = runner.progress(processes * (1 + len(launches)), f"scaling {name}")
         times: dict[str, list[float]] = {}
         with machine.GPUMonitor() as monitor:
             for p in range(processes):
                 out = runner.run_worker("replicate.bench.worker", {**spec, "seed": p})
-                progress.step(f"process {p + 1}: fit, replicate, mirrored")
+                progress.add(1)
                 _extend(times, out["times"])
                 for method, n in launches:
                     out = runner.run_worker(
@@ -150,7 +155,7 @@ def run(args) -> dict[str, Any]:
                         {**spec, "kind": "processes", "backend": method, "seed": p},
                         launcher=_launcher(method, n),
                     )
-                    progress.step(f"process {p + 1}: {method} x{n}")
+                    progress.add(1)
                     _extend(times, out["times"])
         results[name] = {
             "batch": model_batch,
