@@ -197,6 +197,19 @@ def any_batch_size(layers: Sequence[keras.Layer]) -> Iterator[None]:
                 v._shape = shape
 
 
+def pass_through_autograph(error: BaseException) -> None:
+    """Lets `error` leave the `tf.function`s around it as it is, notes included.
+
+    AutoGraph replaces an error raised inside a converted function with a copy
+    that names the user's code (`ag_error_metadata`), and an error marked
+    `ag_pass_through` is left alone (TensorFlow 2.16-2.21). The error has
+    already been told where it came from (`replicate.tower_errors`).
+    """
+    if hasattr(error, "ag_error_metadata"):
+        del error.ag_error_metadata
+    error.ag_pass_through = True
+
+
 # -- TensorFlow graphs and native optimizers ----------------------------------
 
 

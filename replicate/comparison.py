@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from replicate import _keras_compat, merge, reduce, step_comparison, steps
 from replicate.builder import ReplicaBuilder
+from replicate.state import owner
 from replicate.step_comparison import error_line, relative_difference
 from replicate.tower import is_seed_state, row_states
 
@@ -87,7 +88,9 @@ class _Pass:
             if loss:
 
                 def loss_of(y_pred, model_loss):
-                    return _batch_loss(model, x, y, y_pred, sample_weight, model_loss)
+                    return merge.batch_loss(
+                        model, x, y, y_pred, sample_weight, model_loss, training=True
+                    )
 
                 result = merge.loss_pass(towers, loss_of, slices.weights, model.trainable_variables)
                 self.loss, self.outputs = result.value, result.merged
@@ -123,29 +126,6 @@ class _Pass:
             if all(r is not None for r in rows):
                 state.append((variable, tf.concat(rows, 0)))
         self.state = {v.path: value for v, value in state if not is_seed_state(v)}
-
-
-def _batch_loss(model, x, y, y_pred, sample_weight, model_loss) -> tf.Tensor:
-    if model_loss is None:
-        model_loss = tf.zeros((), keras.config.floatx())
-    return _keras_compat.compute_loss(
-        model,
-        x=x,
-        y=y,
-        y_pred=y_pred,
-        sample_weight=sample_weight,
-        training=True,
-        losses=[model_loss],
-    )
-
-
-def _owner(model: keras.Model, variable: Any) -> keras.Layer | None:
-    owners = [
-        layer
-        for layer in _keras_compat.sublayers(model)
-        if any(v is variable for v in layer.weights)
-    ]
-    return min(owners, key=lambda layer: len(layer.weights)) if owners else None
 
 
 def compare(
@@ -267,8 +247,8 @@ def _name_causes(report: Report, template: keras.Model) -> None:
         if f"state {path}" in explained:
             continue
         variable = next((v for v in template.variables if v.path == path), None)
-        owner = None if variable is None else _owner(template, variable)
-        name = "a layer" if owner is None else f"layer `{owner.name}`"
+        layer = None if variable is None else owner(template, variable)
+        name = "a layer" if layer is None else f"layer `{layer.name}`"
         aggregation = getattr(variable, "aggregation", "none")
         report.causes.append(
             f"{name} writes `{path}` per tower, and its aggregation ({aggregation!r}) does "

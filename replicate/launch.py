@@ -14,7 +14,10 @@ train.py` on `a` and `--node-rank 1` on `b` (ports 29400 and up must be free
 and reachable on every host).
 
 Each process gets `TF_CONFIG` (every process of the job, as workers, rank
-order), and `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`. Output
+order), and `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`; with several
+processes on the host, also `TF_NUM_INTRAOP_THREADS`, `TF_NUM_INTEROP_THREADS` and
+`OMP_NUM_THREADS`, each the host's cores divided among them, where not already set
+(`replicate.threads`). Output
 lines are prefixed with the rank. When a process fails, the launcher stops
 the others and exits with the failed process's status, as `horovodrun` and
 `torchrun` do.
@@ -31,6 +34,8 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+
+from replicate import threads
 
 # Seconds the other processes get to exit after SIGTERM, before SIGKILL.
 GRACE = 10.0
@@ -132,12 +137,14 @@ def run(
     if not command:
         raise ValueError("No command to launch. Usage: replicate launch --nproc N -- COMMAND ...")
     envs = environments(nproc, hosts=hosts, node_rank=node_rank, port=port)
+    # The host's cores shared among its processes (replicate.threads), unless set.
+    pools = threads.launcher_environment(nproc, dict(os.environ))
     processes, relays = [], []
     for env in envs:
         rank = int(env["RANK"])
         p = subprocess.Popen(
             list(command),
-            env={**os.environ, **env},
+            env={**os.environ, **pools, **env},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )

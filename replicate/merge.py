@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import keras
 import tensorflow as tf
 
 from replicate import _keras_compat
@@ -115,6 +116,39 @@ def combine_model_losses(towers: Sequence[Any], weights: tf.Tensor) -> tf.Tensor
     ]
     parts += [t.sample_loss for t in towers if t.sample_loss is not None]
     return tf.add_n(parts) if parts else None
+
+
+def batch_loss(
+    model: Any,
+    x: Any,
+    y: Any,
+    y_pred: Any,
+    sample_weight: Any,
+    model_loss: tf.Tensor | None,
+    *,
+    training: bool,
+) -> tf.Tensor:
+    """The model's `compute_loss` on the whole batch, its own losses (combined over the
+    towers, `model_loss`) read as `model.losses`.
+
+    Raises:
+        ValueError: If there is no loss at all (no compiled loss, no
+            `compute_loss` of the model's own, no model losses), as Keras says.
+    """
+    if model_loss is None:
+        own = type(model).compute_loss is not keras.Model.compute_loss
+        if _keras_compat.compiled_loss(model) is None and not own:
+            raise ValueError("No loss to compute. Provide a `loss` argument in `compile()`.")
+        model_loss = tf.zeros((), keras.config.floatx())
+    return _keras_compat.compute_loss(
+        model,
+        x=x,
+        y=y,
+        y_pred=y_pred,
+        sample_weight=sample_weight,
+        training=training,
+        losses=[model_loss],
+    )
 
 
 class Loss(NamedTuple):

@@ -12,6 +12,7 @@ from replicate import (
     _keras_compat,
     building,
     checking,
+    merge,
     migration,
     processes,
     reduce,
@@ -163,26 +164,6 @@ class ReplicatedModel(keras.Model):
         """This process's share of the global batch; `None` for one process."""
         return None if self._backend.size == 1 else self._backend.share(count)
 
-    def _batch_loss(self, x, y, y_pred, sample_weight, model_loss, training) -> tf.Tensor:
-        """The template's `compute_loss` on the whole batch, its own losses included."""
-        template = self.template
-        if model_loss is None:
-            if _keras_compat.compiled_loss(template) is None and not steps.overridden(
-                template, "compute_loss"
-            ):
-                raise ValueError("No loss to compute. Provide a `loss` argument in `compile()`.")
-            model_loss = tf.zeros((), keras.config.floatx())
-        # `model.losses` inside compute_loss: the towers' losses, combined.
-        return _keras_compat.compute_loss(
-            template,
-            x=x,
-            y=y,
-            y_pred=y_pred,
-            sample_weight=sample_weight,
-            training=training,
-            losses=[model_loss],
-        )
-
     def train_step(self, data: Any) -> Any:
         if steps.overridden(self.template, "train_step"):
             return steps.run(self, "train_step", data)
@@ -197,7 +178,9 @@ class ReplicatedModel(keras.Model):
         share = self.share(count) if self._builder.synchronized else None
 
         def loss_of(y_pred, model_loss):
-            return self._batch_loss(x, y, y_pred, sample_weight, model_loss, training=True)
+            return merge.batch_loss(
+                template, x, y, y_pred, sample_weight, model_loss, training=True
+            )
 
         step = self._builder.train_pass(
             x, loss_of, scale=optimizer.scale_loss if optimizer else None, share=share
@@ -221,7 +204,9 @@ class ReplicatedModel(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred, model_loss = self._builder.evaluate_pass(x, processes=True)
         with tf.device(self.variable_device):
-            loss = self._batch_loss(x, y, y_pred, sample_weight, model_loss, training=False)
+            loss = merge.batch_loss(
+                template, x, y, y_pred, sample_weight, model_loss, training=False
+            )
             count = reduce.batch_size(x)
             _keras_compat.loss_tracker(template).update_state(loss, sample_weight=count)
             logs = template.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

@@ -144,17 +144,21 @@ class StateWriter:
             )
             if value.shape[0] is not None and value.shape[0] != variable.shape[0]:
                 raise ValueError(message)
-            check = tf.debugging.assert_equal(tf.shape(value)[0], variable.shape[0], message)
-            with tf.control_dependencies([check]):
-                variable.assign(tf.cast(value, variable.dtype))
+            # Known only when the step runs: the assertion fails the step, and the state
+            # keeps its old value (Grappler does not keep an assertion ahead of an assign).
+            fits = tf.equal(tf.shape(value)[0], variable.shape[0])
+            tf.debugging.assert_equal(fits, True, message)
+            new, old = value, tf.convert_to_tensor(variable.value)
+            value = tf.cond(fits, lambda: new, lambda: old)  # noqa: B023 (called at once)
+            variable.assign(tf.cast(value, variable.dtype))
 
     def _warn_default_aggregation(self, variable: Any) -> None:
         """Warns, once per variable, that a user layer's state at Keras' default
         aggregation is combined by replicate's rule for it."""
         if variable.aggregation != "none" or id(variable) in self._warned:
             return
-        owner = _owner(self.model, variable)
-        if owner is None or type(owner).__module__.split(".")[0] == "keras":
+        layer = owner(self.model, variable)
+        if layer is None or type(layer).__module__.split(".")[0] == "keras":
             return  # Keras' own layers: the documented rules fit them
         self._warned.add(id(variable))
         floating = tf.as_dtype(variable.dtype).is_floating
@@ -164,7 +168,7 @@ class StateWriter:
             else "tower 0's value"
         )
         warnings.warn(
-            f"replicate: layer {owner.name!r} ({type(owner).__name__}) writes its variable "
+            f"replicate: layer {layer.name!r} ({type(layer).__name__}) writes its variable "
             f"{variable.path!r} in the forward pass, with Keras' default "
             f'aggregation="none". Each tower writes it from its own slice of the batch, and '
             f"replicate keeps {how} (across processes too). If the variable counts or sums "
@@ -204,7 +208,7 @@ class StateWriter:
         return out
 
 
-def _owner(model: keras.Model, variable: Any) -> keras.Layer | None:
+def owner(model: keras.Model, variable: Any) -> keras.Layer | None:
     """The innermost layer of `model` whose weights include `variable`."""
     owners = [
         layer

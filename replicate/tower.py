@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -216,13 +215,10 @@ class TowerPass:
         if not self.jit_compile and (not shared or tf.executing_eagerly()):
             return self._call
         if self.jit_compile not in self._functions:
+            # Inlined into the step where it is called (TensorFlow's default): its ops
+            # take the calling tower's device, and an error names `tower_i/` as before.
             self._functions[self.jit_compile] = tf.function(
-                self._call,
-                jit_compile=self.jit_compile,
-                reduce_retracing=True,
-                experimental_attributes=None
-                if os.environ.get("RT_INLINE")
-                else {"_noinline": True},
+                self._call, jit_compile=self.jit_compile, reduce_retracing=True
             )
         return self._functions[self.jit_compile]
 

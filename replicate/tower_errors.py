@@ -17,9 +17,10 @@ from collections.abc import Iterator, Sequence
 
 import tensorflow as tf
 
-from replicate import reduce
+from replicate import _keras_compat, reduce
 
-_TOWER_SCOPE = re.compile(r"(?:^|[^\w])tower_(\d+)/")
+# Tower i's name scope; TensorFlow numbers a second use of it (the backward pass) "tower_i_1".
+_TOWER_SCOPE = re.compile(r"(?:^|[^\w])tower_(\d+)(?:_\d+)?/")
 
 
 def describe_tower(i: int, devices: Sequence[str], batch: int | None) -> str:
@@ -57,6 +58,7 @@ def describing(i: int, devices: Sequence[str], batch: int | None) -> Iterator[No
             str(n).startswith("replicate: this error") for n in getattr(error, "__notes__", [])
         ):
             error.add_note(describe_tower(i, devices, batch))
+        _keras_compat.pass_through_autograph(error)
         raise
 
 

@@ -193,7 +193,7 @@ def test_keras_applications_model(devices, weight_diff):
     # Three towers train it.
     model = _mobilenet()
     before = model.get_weights()
-    with pytest.warns(UserWarning, match=r"`Conv1_bn`, .* and 49 more normalize per tower"):
+    with pytest.warns(UserWarning, match=r"`bn_Conv1`, .* and 49 more normalize per tower"):
         history = (
             compile_(replicate.replicate(model, devices[:3]))
             .fit(x, y, batch_size=10, epochs=2, verbose=0)

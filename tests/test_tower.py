@@ -86,7 +86,8 @@ def test_stateful_rnn_with_another_batch_size_is_an_error(devices):
     parallel.compile(optimizer=sgd(0.05), loss="mse")
     with pytest.raises(
         (ValueError, tf.errors.InvalidArgumentError),
-        match=r"holds 50 rows, one per sample of the batch it was built for.*a batch of 40",
+        match=r"holds 50 rows, one per sample of the batch it was built for.*a batch of "
+        r"(40|another size)",
     ):
         parallel.fit(SEQUENCES[:40], TARGETS[:40], batch_size=40, epochs=1, verbose=0)
 

@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from replicate import _keras_compat
 from replicate import cluster as cluster_lib
+from replicate import threads as threads_lib
 from replicate.backends.base import Backend
 
 COMMUNICATIONS = ("auto", "ring", "nccl")
@@ -95,6 +96,10 @@ class CollectiveBackend(Backend):
         hang_timeout: See `replicate.Backend`: seconds a process may spend
             outside the collective steps before it is stopped. Defaults to
             `REPLICATE_HANG_TIMEOUT` or 120.
+        threads: TensorFlow threads per pool for this process: a number,
+            `"auto"` (the host's cores divided among its processes) or
+            `"tensorflow"` (TensorFlow's own sizes). Defaults to
+            `REPLICATE_THREADS`, else `"auto"` (`replicate.threads`).
 
     Raises:
         ValueError: For an unknown `communication` or compression, or a
@@ -113,6 +118,7 @@ class CollectiveBackend(Backend):
         startup_timeout: float | None = None,
         health_interval: float = 5.0,
         hang_timeout: float | None = None,
+        threads: int | str | None = None,
     ) -> None:
         super().__init__(compression=compression, hang_timeout=hang_timeout)
         if communication not in COMMUNICATIONS:
@@ -131,6 +137,8 @@ class CollectiveBackend(Backend):
         self.startup_timeout = float(startup_timeout)
         self.health_interval = float(health_interval)
         self.cluster = cluster_lib.tf_config()
+        # Before TensorFlow starts: it reads its pool sizes once.
+        self.threads = threads_lib.apply(self.local_size, threads)
         _start(self.cluster)
 
     @property

@@ -10,6 +10,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from replicate import threads as threads_lib
 from replicate.backends.base import Backend
 
 
@@ -52,9 +53,13 @@ class HorovodBackend(Backend):
         hang_timeout: See `replicate.Backend`: seconds a process may spend
             outside the collective steps before it is stopped. Defaults to
             `REPLICATE_HANG_TIMEOUT` or 120.
+        threads: TensorFlow threads per pool for this process: a number,
+            `"auto"` (the host's cores divided among its processes) or
+            `"tensorflow"` (TensorFlow's own sizes). Defaults to
+            `REPLICATE_THREADS`, else `"auto"` (`replicate.threads`).
 
     Raises:
-        ValueError: For an unknown compression.
+        ValueError: For an unknown compression or `threads`.
         ImportError: Where Horovod is not installed.
     """
 
@@ -62,11 +67,16 @@ class HorovodBackend(Backend):
     launcher = "horovodrun"
 
     def __init__(
-        self, compression: str | None = None, *, hang_timeout: float | None = None
+        self,
+        compression: str | None = None,
+        *,
+        hang_timeout: float | None = None,
+        threads: int | str | None = None,
     ) -> None:
         super().__init__(compression=compression, hang_timeout=hang_timeout)
         self._hvd = _import_horovod()
         self._hvd.init()
+        self.threads = threads_lib.apply(self.local_size, threads)
 
     @property
     def rank(self) -> int:

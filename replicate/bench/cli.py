@@ -1,4 +1,5 @@
-"""`replicate-bench` (or `python -m benchmarks`): scaling|optimizers|precision|consistency.
+"""`replicate-bench` (or `python -m benchmarks`): scaling|optimizers|precision|consistency|
+startup|overhead.
 
 Parsing imports nothing heavy: `--help` and a wrong argument answer before
 TensorFlow is imported; the benchmark modules load once a command runs.
@@ -37,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
         ("optimizers", "Keras 3 optimizers against native TensorFlow optimizers"),
         ("precision", "mixed precision through replicate against one device (closeness)"),
         ("consistency", "the per-step cost of ConsistencyCheck across 2 processes"),
+        ("startup", "time to the first step at 1-8 towers, against MirroredStrategy"),
+        ("overhead", "the steady-state cost per tower, against MirroredStrategy"),
     ):
         p = commands.add_parser(name, help=help_text)
         p.add_argument("--quick", action="store_true", help="a short run (minutes on 2 cores)")
@@ -45,7 +48,10 @@ def parser() -> argparse.ArgumentParser:
             "--devices",
             type=positive_int,
             default=2,
-            help="devices: GPUs if present, else simulated CPU devices (default 2)",
+            help=(
+                "devices: GPUs if present, else simulated CPU devices "
+                "(default 2; 8 for startup and overhead)"
+            ),
         )
         p.add_argument("--repeats", type=positive_int, help="counted repeats per process")
         p.add_argument("--processes", type=positive_int, help="fresh processes (default 2)")
@@ -74,6 +80,16 @@ def parser() -> argparse.ArgumentParser:
         help="comma list (default all)",
     )
     op.add_argument("--model", dest="model", choices=bench.MODELS, default="mlp")
+    st = commands.choices["startup"]
+    st.add_argument(
+        "--model",
+        dest="model",
+        choices=("resnet", "mlp"),
+        default="resnet",
+        help="ResNet50V2 on 32x32x3 (default) or the MLP 32-32-10",
+    )
+    for name in ("startup", "overhead"):
+        commands.choices[name].set_defaults(devices=8)
     return top
 
 
@@ -89,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         from replicate.bench import optimizers
 
         optimizers.run(args)
+    elif args.command in ("startup", "overhead"):
+        from replicate.bench import startup
+
+        startup.run(args)
     else:
         from replicate.bench import checks
 

@@ -68,17 +68,15 @@ def worker(spec: dict[str, Any], devices: list[str]) -> None:
 def process_worker(spec: dict[str, Any]) -> None:
     """One process of a multi-process backend: one tower, its share of the global
     batch; rank 0 reports."""
-    import os
-
     import replicate
 
     replicate.simulate_devices(1)
-    # Before TensorFlow starts: the collective runtime is configured then.
+    # Before TensorFlow starts: the collective runtime is configured then, and the
+    # backend sizes the thread pools to this process's share of the host, as it does
+    # for any user's script (replicate.threads).
     backend = replicate.get_backend(spec["backend"])
     import tensorflow as tf
 
-    threads = max(1, (os.cpu_count() or 1) // backend.size)
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
     name, batch = spec["model"], spec["batch"] // backend.size
     x, y = models.data(name, batch * spec["steps"], seed=spec["seed"] + backend.rank)
     with tf.device("/cpu:0"):

@@ -46,6 +46,14 @@ def main(argv: list[str]) -> None:
         from replicate.bench import optimizers
 
         optimizers.worker(spec, devices)
+    elif spec["kind"] == "startup":
+        from replicate.bench import startup
+
+        startup.startup_worker(spec, devices)
+    elif spec["kind"] == "overhead":
+        from replicate.bench import startup
+
+        startup.overhead_worker(spec, devices)
     elif spec["kind"] == "precision":
         from replicate.bench import checks
 
