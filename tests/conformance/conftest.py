@@ -1,5 +1,6 @@
 """The corpus' session: one runner (one-device runs done once) and the results table."""
 
+import os
 import time
 
 import pytest
@@ -8,7 +9,7 @@ import replicate
 from conformance import harness, table
 
 MEASURED = pytest.StashKey[dict]()
-STARTED = pytest.StashKey[float]()
+STARTED = pytest.StashKey[tuple[float, float]]()
 OPTION = "--conformance-table"
 
 
@@ -23,7 +24,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.stash[MEASURED] = {}
-    config.stash[STARTED] = time.perf_counter()
+    config.stash[STARTED] = (time.perf_counter(), os.getloadavg()[0])
 
 
 @pytest.fixture(scope="session")
@@ -51,5 +52,7 @@ def pytest_runtest_makereport(item, call):
 def pytest_sessionfinish(session):
     path = session.config.getoption(OPTION, default=None)
     if path:
-        seconds = time.perf_counter() - session.config.stash[STARTED]
-        table.write(path, list(session.config.stash[MEASURED].values()), seconds=seconds)
+        started, load = session.config.stash[STARTED]
+        measured = list(session.config.stash[MEASURED].values())
+        seconds = time.perf_counter() - started
+        table.write(path, measured, seconds=seconds, load=(load, os.getloadavg()[0]))
