@@ -1,5 +1,7 @@
 """Structured data: keras.io's tabular examples, re-expressed small on synthetic rows."""
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -29,6 +31,7 @@ def _heart_rows(count=200, seed=11):
     return rows, target
 
 
+@functools.cache  # the model's Normalization layers adapt to it at every build
 def _heart_data():
     rows, target = _heart_rows()
     x = {name: rows[name] for name in HEART_NUMERIC}
@@ -147,6 +150,7 @@ WIDE_DEEP = Example(
 # -- FeatureSpace: preprocessing outside the model, crosses and hashing ----------------------------
 
 
+@functools.cache  # adapting the FeatureSpace takes seconds; every build reads its width
 def _feature_space_data():
     rows, target = _heart_rows(seed=14)
     raw = {name: rows[name][:, 0] for name in HEART_NUMERIC}

@@ -163,7 +163,7 @@ MASKING = Example(
 
 # -- Switch Transformer: a batch size written into the layer ---------------------------------------
 
-SWITCH_BATCH, SWITCH_TOKENS, SWITCH_WIDTH, SWITCH_EXPERTS = 25, 8, 8, 4
+SWITCH_BATCH, SWITCH_TOKENS, SWITCH_WIDTH, SWITCH_EXPERTS = 25, 8, 8, 2
 
 
 class Router(layers.Layer):

@@ -174,7 +174,7 @@ def _inverted_residual(x, expanded, out, strides=1):
 
 
 def _mobile_model():
-    inputs = keras.Input((32, 32, 3))
+    inputs = keras.Input((16, 16, 3))
     x = layers.Rescaling(1.0 / 255)(inputs)
     x = layers.Conv2D(8, 3, strides=2, padding="same", activation=keras.activations.swish)(x)
     x = _inverted_residual(x, 16, 8)
@@ -185,7 +185,7 @@ def _mobile_model():
 
 
 def _flowers_data():
-    x = np.floor(synthetic.images(200, (32, 32, 3), 36) * 255)
+    x = np.floor(synthetic.images(120, (16, 16, 3), 36) * 255)
     return Data(x, keras.utils.to_categorical(synthetic.learnable_classes(x, 5, 37), 5))
 
 
