@@ -93,7 +93,7 @@ def render(
                 _number(measured.weight_diff),
                 _number(measured.loss_diff),
             ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
         if example.reason or example.faults:
             parts = [example.reason] if example.reason else []
             parts += [

@@ -33,3 +33,10 @@ def test_the_table_has_a_row_per_example_before_any_run():
     for example in registry.examples():
         assert f"| {example.name} | [{example.source}]" in text
     assert text.count("| not run | - | - |") == len(registry.examples())  # the first of 2
+
+
+def test_a_pipe_in_a_criterion_does_not_break_the_table():
+    text = table.render([], seconds=0.0)
+    switch = next(line for line in text.splitlines() if line.startswith("| switch_transformer |"))
+    assert r"split\|slice of the batch" in switch
+    assert switch.replace(r"\|", "").count("|") == 12  # 11 cells
