@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 DEPS := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint horovod horovod-gpu install bench clean
+.PHONY: demo test conformance conformance-table lint horovod horovod-gpu install bench clean
 
 $(DEPS): setup.cfg setup.py pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,15 @@ lint: $(DEPS)
 
 test: lint install horovod horovod-gpu
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Public Keras examples (keras.io), one device against replicate() on 2 and 3 towers;
+# kept out of `make test` (pyproject's addopts ignore tests/conformance).
+conformance: install
+	$(BIN)/pytest tests/conformance $(PYTEST_ARGS)
+
+# The same run, writing the results table docs/conformance.md.
+conformance-table: install
+	$(BIN)/pytest tests/conformance --conformance-table docs/conformance.md $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/replicate-bench scaling --quick --output docs/benchmarks

@@ -1,0 +1,1 @@
+"""replicate's conformance corpus: public Keras examples, one device against towers."""
