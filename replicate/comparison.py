@@ -44,6 +44,7 @@ class Report:
     causes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     rtol: float = DEFAULT_RTOL
+    model_losses: bool = False  # whether the model adds losses of its own
 
     @property
     def exact(self) -> bool:
@@ -83,6 +84,9 @@ class _Pass:
         self.sizes = [int(n) for n in slices.sizes.numpy()]
         group = builder.group(slices)
         towers, values = builder.forward_passes(group, slices, training, loss)
+        self.model_losses = any(
+            t.model_loss is not None or t.sample_loss is not None for t in towers
+        )
         self.loss, self.grads = None, []
         with tf.device(builder.variable_device):
             if loss:
@@ -173,6 +177,7 @@ def compare(
                 )
                 return
             report.slices = many.sizes
+            report.model_losses = report.model_losses or many.model_losses
             _differences(report, one, many, template, f"training={training}")
     else:
         report.notes.append("the model has no `call` of its own: its forward pass was not run")
@@ -218,8 +223,7 @@ def _differences(report: Report, one: _Pass, many: _Pass, template, mode: str) -
 
 def _name_causes(report: Report, template: keras.Model) -> None:
     """Turns what differs into the causes replicate can name."""
-    inference = report.differing("output") + report.differing("state")
-    inference = [(k, v) for k, v in inference if k.endswith("training=False")]
+    inference = [(k, v) for k, v in report.differing("output") if k.endswith("training=False")]
     if inference:
         what, worst = max(inference, key=lambda item: item[1])
         report.causes.append(
@@ -234,7 +238,8 @@ def _name_causes(report: Report, template: keras.Model) -> None:
         and getattr(layer, "synchronized", False) is not True
     ]
     training = [(k, v) for k, v in report.differing() if not k.startswith("step result")]
-    if training and normalizing and len(report.devices) > 1:
+    unseen = not any(k.startswith("output") for k, _ in report.differences)
+    if (training or unseen) and normalizing and len(report.devices) > 1:
         names = ", ".join(f"`{n}`" for n in normalizing[:3])
         if len(normalizing) > 3:
             names += f" and {len(normalizing) - 3} more"
@@ -257,6 +262,15 @@ def _name_causes(report: Report, template: keras.Model) -> None:
             "'only_first_replica' to match what the variable means"
         )
         explained.add(f"state {path}")
+    outputs = [k for k, _ in report.differing("output")]
+    if training and not outputs and not normalizing and report.model_losses:
+        what, worst = max(training, key=lambda item: item[1])
+        report.causes.append(
+            "the model's own losses differ while its outputs agree: a scalar loss that "
+            "reduces over the batch other than as a mean (`add_loss` of a sum) is each "
+            "tower's, weighted by its share; add it as a mean or one row per sample, or "
+            f"compute it in `compute_loss` ({what}: {worst:.2e})"
+        )
     step = report.differing("step result") + report.differing("update of")
     if step:
         what, worst = max(step, key=lambda item: item[1])

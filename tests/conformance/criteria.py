@@ -161,4 +161,5 @@ class Raises:
     def __call__(self, reference: Run, run: Run) -> None:
         assert run.error is not None, "the replicated fit was expected to fail and did not"
         assert isinstance(run.error, self.error), f"{type(run.error).__name__}: {run.error}"
-        assert re.search(self.pattern, str(run.error)), str(run.error)[:2000]
+        text = "\n".join([str(run.error), *getattr(run.error, "__notes__", [])])
+        assert re.search(self.pattern, text), text[:2000]

@@ -24,6 +24,7 @@ in `EXAMPLES` and `registry` gathers them.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,7 @@ class Run:
     after: dict[str, float] = field(default_factory=dict)
     error: BaseException | None = None
     initial: list[np.ndarray] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # replicate's, through towers
 
 
 @dataclass
@@ -105,6 +107,9 @@ class Example:
         criterion: Replaces the tolerances (`Trains`, `Differs`, `Raises`).
         evaluate: Whether the model can `evaluate` (a GAN has no `test_step`).
         faults: Towers -> `xfail` reason (`"kind N: ..."`) of a known engine fault.
+        alarm: A pattern that replicate's warning must match (the check at the first
+            `fit`, or the state writer): the documented cause, named. `None`: the
+            run through towers must raise no alarm.
         seed: Seed set before each build.
     """
 
@@ -123,6 +128,7 @@ class Example:
     criterion: Callable[[Run, Run], None] | None = None
     evaluate: bool = True
     faults: Mapping[int, str] = field(default_factory=dict)
+    alarm: str | None = None
     seed: int = 0
 
     def criterion_text(self) -> str:
@@ -225,12 +231,15 @@ class Runner:
         model = self._model(example)
         initial = [np.array(w) for w in model.get_weights()]
         assert max_abs(initial, reference.initial) in (None, 0.0), "the two builds differ"
-        try:
-            parallel = replicate.replicate(model, self.devices[:towers])
-        except Exception as error:  # noqa: BLE001 - refusals are measured too
-            return Run(error=error, initial=initial)
-        run = self._train(example, model, parallel)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                parallel = replicate.replicate(model, self.devices[:towers])
+            except Exception as error:  # noqa: BLE001 - refusals are measured too
+                return Run(error=error, initial=initial)
+            run = self._train(example, model, parallel)
         run.initial = initial
+        run.warnings = [str(w.message) for w in caught if str(w.message).startswith("replicate")]
         return run
 
     def measure(self, example: Example, towers: int) -> tuple[Run, Run, Measurement]:
@@ -247,7 +256,15 @@ class Runner:
 
 
 def check(example: Example, reference: Run, run: Run, measured: Measurement) -> None:
-    """Asserts the example's declared status on the two runs."""
+    """Asserts the example's declared status on the two runs, and replicate's alarm."""
+    if example.alarm is None:
+        assert not run.warnings, (
+            f"an alarm on a model documented as {example.status}: {run.warnings}"
+        )
+    else:
+        assert any(re.search(example.alarm, w) for w in run.warnings), (
+            f"the documented cause ({example.alarm}) was not named: {run.warnings}"
+        )
     if isinstance(example.criterion, Raises):
         example.criterion(reference, run)
         return

@@ -21,11 +21,25 @@ def test_every_family_is_covered_and_every_source_is_a_keras_io_path():
         )
 
 
-def test_every_known_fault_names_its_kind():
-    kinds = {
-        int(reason[5]) for example in registry.examples() for reason in example.faults.values()
-    }
-    assert kinds == set(range(1, 10)) - {1}, kinds  # kind 1 is not seen on this corpus today
+def test_no_known_fault_is_left():
+    # The nine kinds of fault the corpus found (issue 18) are fixed; a new one is marked
+    # `faults={towers: "kind N: ..."}` on its example until it is.
+    assert [e.name for e in registry.examples() if e.faults] == []
+
+
+def test_every_documented_limit_and_batch_normalization_is_named_by_the_check():
+    # The check at the first fit names each documented cause (issue 19); exact and
+    # random-draw examples raise no alarm (`alarm=None`).
+    for example in registry.examples():
+        names_a_cause = example.status == "limit" or "BatchNormalization" in example.reason
+        assert (example.alarm is not None) == names_a_cause or example.name in SILENT_LIMITS, (
+            example.name
+        )
+
+
+# Limits the check cannot measure, said in the example's reason: the model's own step
+# draws random numbers, so only its forward pass is compared.
+SILENT_LIMITS = {"simclr_contrastive"}
 
 
 def test_the_table_has_a_row_per_example_before_any_run():

@@ -44,6 +44,7 @@ def _compile_fcn(model):
 
 FCN = Example(
     name="timeseries_fcn",
+    alarm=r"BatchNormalization layers .* normalize per tower",
     source="examples/timeseries/timeseries_classification_from_scratch.py",
     family="sequence",
     build=_fcn_model,
@@ -154,12 +155,6 @@ STATEFUL = Example(
     data=_paragraphs,
     batch_size=STATEFUL_BATCH,
     loss_tolerance=1e-5,
-    faults={
-        2: "kind 7: the stateful LSTM crashes over towers (ValueError: ... the batch size of "
-        "the input sequences must be the same as the batch size of the initial state; "
-        "expected 25, received 13)",
-        3: "kind 7: the stateful LSTM crashes over towers (the same ValueError; received 9)",
-    },
 )
 
 # -- anomaly detection: a convolutional autoencoder of a series -------------------------------

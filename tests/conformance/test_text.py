@@ -233,6 +233,7 @@ def _switch_model():
 
 SWITCH = Example(
     name="switch_transformer",
+    alarm=r"a tower's slice failed: the model seems to assume a fixed batch size",
     source="examples/nlp/text_classification_with_switch_transformer.py",
     family="text",
     build=_switch_model,
@@ -242,13 +243,11 @@ SWITCH = Example(
     reason="the Switch layer reshapes to a batch size written into it (25 samples); a tower "
     "holds a slice, so the reshape fails",
     batch_size=SWITCH_BATCH,
-    criterion=Raises(Exception, r"(?i)split|slice of the batch"),
-    faults={
-        2: "kind 9: tower 0 fails with 'Cannot reshape a tensor with 832 elements to shape "
-        "[200,8]' and nothing says the batch was split",
-        3: "kind 9: tower 0 fails with 'Cannot reshape a tensor with 576 elements to shape "
-        "[200,8]' and nothing says the batch was split",
-    },
+    criterion=Raises(
+        Exception,
+        r"raised in tower 0 of \d \(device /cpu:0\), which ran the model "
+        r"on \d+ of the global batch of 25 samples",
+    ),
 )
 
 # -- addition as sequence-to-sequence (bool one-hot) --------------------------------------------
@@ -387,12 +386,12 @@ SPARSE = Example(
     compile=_compile_multilabel,
     data=_sparse_data,
     batch_size=47,
-    loss_tolerance=1e-5,
-    faults={
-        2: "kind 6: the SparseTensor batch crashes in the batch split (TypeError: Failed to "
-        "convert elements of SparseTensor to Tensor)",
-        3: "kind 6: the SparseTensor batch crashes in the batch split (the same TypeError)",
-    },
+    status="tolerance",
+    reason="the towers' gradients equal one device's to 1.5e-7 relative (replicate.check; "
+    "with SGD the weights end 3e-8 apart), but the sparse matmul sums them in another order, "
+    "and Adam's first steps turn the rounding of gradients that nearly cancel into whole steps",
+    weight_tolerance=1e-2,
+    loss_tolerance=1e-2,  # binary accuracy moves in steps of 1/2000: 0.4% measured
 )
 
 # -- ragged token ids: a bag of embeddings -------------------------------------------------------
@@ -431,11 +430,6 @@ RAGGED = Example(
     data=_ragged_data,
     batch_size=47,
     loss_tolerance=1e-5,
-    faults={
-        2: "kind 6: the RaggedTensor batch crashes in the batch split (TypeError: Failed to "
-        "convert elements of tf.RaggedTensor to Tensor)",
-        3: "kind 6: the RaggedTensor batch crashes in the batch split (the same TypeError)",
-    },
 )
 
 EXAMPLES = [
