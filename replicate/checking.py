@@ -38,14 +38,6 @@ from replicate.devices import list_devices
 from replicate.tower import row_states
 
 
-def _head(t: Any, n: int) -> Any:
-    if t is None:
-        return None
-    if isinstance(t, tf.SparseTensor):
-        return tf.sparse.slice(t, [0] * t.shape.rank, [n, *t.dense_shape[1:]])
-    return t[:n]
-
-
 @contextlib.contextmanager
 def _without_randomness(model: keras.Model, report: Report) -> Iterator[None]:
     """Turns Keras' dropout and noise layers off for the check, and says so."""
@@ -141,7 +133,7 @@ def check(
     whole = batch
     if not row_states(template):  # a stateful RNN needs the batch it was built for
         rows = samples_per_tower * len(devices) + 1
-        batch = tf.nest.map_structure(lambda t: _head(t, rows), batch)
+        batch = tf.nest.map_structure(lambda t: building.head(t, rows), batch)
     report = Report(devices=list(devices), slices=[], rtol=rtol)
     with _without_randomness(template, report):
         comparison.compare(report, template, reference, towers, batch, whole)

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import keras
 import tensorflow as tf
 
-from replicate import _keras_compat, merge, reduce
+from replicate import _keras_compat, activity, merge, reduce
 
 # Tower k (counted over every process) draws its random numbers (Dropout
 # masks, noise) from the seed shifted by k times this odd constant, so towers
@@ -63,7 +63,7 @@ def row_states(model: keras.Model) -> list[keras.Variable]:
     found: dict[int, keras.Variable] = {}
     for layer in row_layers(model):
         for variable in tf.nest.flatten(layer.states):
-            if isinstance(variable, keras.Variable):
+            if _keras_compat.is_variable(variable):
                 found.setdefault(id(variable), variable)
     return list(found.values())
 
@@ -132,6 +132,7 @@ class TowerPass:
         self._training_arg = _call_accepts_training(model)
         self._compiled: Callable[..., Any] | None = None
         self._logit_kinds: list[tuple[bool, str | None]] = []
+        self._activity = activity.ActivityRows(model)  # Keras < 3.14 sums them per batch
 
     # -- random seeds -----------------------------------------------------------
 
@@ -162,7 +163,7 @@ class TowerPass:
             # A tower's rows: not the variable's shape, which the mapping would demand.
             keras.StatelessScope.add_update(scope, (variable, value))
         mapping += list(zip(row_variables, rows))
-        with scope, _keras_compat.any_batch_size(row_layers(model)):
+        with scope, _keras_compat.any_batch_size(row_layers(model)), self._activity:
             if self._training_arg:
                 outputs = model(x, training=training)
             else:
