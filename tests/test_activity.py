@@ -34,11 +34,8 @@ def test_swapped_only_while_towers_run_and_only_where_keras_sums():
         with rows:  # a second tower, in a thread of a synchronized step
             inside = layer.activity_regularizer
         assert layer.activity_regularizer is inside  # the first tower still runs
-    assert layer.activity_regularizer is original
+    assert layer.activity_regularizer is original  # nothing left for a save to write
     assert (inside is not original) == rows.active
-    # Nothing of it is left for a save to write.
-    config = layer.get_config()["activity_regularizer"]
-    assert keras.regularizers.deserialize(config).get_config() == original.get_config()
 
 
 @pytest.mark.skipif(
