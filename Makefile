@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 DEPS := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test conformance conformance-table lint horovod horovod-gpu install bench clean
+.PHONY: demo test conformance conformance-table lint horovod horovod-gpu install bench clean test-compat
 
 $(DEPS): setup.cfg setup.py pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,9 +52,28 @@ conformance: install
 conformance-table: install
 	$(BIN)/pytest tests/conformance --conformance-table docs/conformance.md $(PYTEST_ARGS)
 
+# The oldest supported TensorFlow and Keras (pinned in requirements/oldest.txt), in
+# $(COMPAT_VENV) made from nothing (no Horovod), and the core equivalence, loss and
+# compatibility tests run there. `make test` covers the newest pair.
+COMPAT_VENV ?= .venv-compat
+COMPAT_TESTS := tests/test_builder.py tests/test_compat.py tests/test_model.py \
+	tests/test_loss.py tests/test_steps.py tests/test_merge.py tests/test_tower.py \
+	tests/test_reduce.py tests/test_state.py tests/test_building.py tests/test_checking.py \
+	tests/test_keras_compat.py tests/test_house.py tests/test_activity.py
+
+test-compat:
+	rm -rf $(COMPAT_VENV) build
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --upgrade pip "setuptools>=61,<81" wheel
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --no-build-isolation \
+		-c requirements/oldest.txt '.[test]'
+	rm -rf build
+	$(COMPAT_VENV)/bin/python -m pip list 2>/dev/null | grep -E '^(tensorflow|keras) '
+	$(COMPAT_VENV)/bin/pytest $(PYTEST_ARGS) $(COMPAT_TESTS)
+
 bench: install
 	$(BIN)/replicate-bench scaling --quick --output docs/benchmarks
 	$(BIN)/replicate-bench optimizers --quick --output docs/benchmarks
 
 clean:
-	rm -rf $(VENV) $(GPU_VENV) build *.egg-info
+	rm -rf $(VENV) $(GPU_VENV) $(COMPAT_VENV) build *.egg-info

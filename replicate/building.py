@@ -23,9 +23,10 @@ from replicate import _keras_compat
 def first_batch(call: dict[str, Any]) -> Any:
     """The first batch of what `fit`/`evaluate`/`predict` received, or `None`.
 
-    Arrays (any nesting) give their first `batch_size` rows, a `tf.data.Dataset`
-    its first element and a `keras.utils.PyDataset` its item 0. A Python
-    generator cannot be looked into without consuming it: `None`.
+    Arrays and dense, ragged or sparse tensors (any nesting) give their first
+    `batch_size` rows, a `tf.data.Dataset` its first element and a
+    `keras.utils.PyDataset` its item 0. A Python generator cannot be looked
+    into without consuming it: `None`.
     """
     x = call.get("x")
     if isinstance(x, tf.data.Dataset):
@@ -33,29 +34,25 @@ def first_batch(call: dict[str, Any]) -> Any:
     if isinstance(x, keras.utils.PyDataset):
         return x[0]
     leaves = tf.nest.flatten(x)
-    kinds = (np.ndarray, tf.Tensor, tf.RaggedTensor, tf.SparseTensor)
-    if not leaves or not all(isinstance(v, kinds) for v in leaves):
+    if not leaves or not all(isinstance(v, _BATCHES) for v in leaves):
         return None
     rows = call.get("batch_size") or 32
-
-    def head(a):
-        return rows_of(a, rows)
-
-    parts = [tf.nest.map_structure(head, x)]
+    parts = [tf.nest.map_structure(lambda t: head(t, rows), x)]
     for key in ("y", "sample_weight"):
         if call.get(key) is not None:
-            parts.append(tf.nest.map_structure(head, call[key]))
+            parts.append(tf.nest.map_structure(lambda t: head(t, rows), call[key]))
     return tuple(parts) if len(parts) > 1 else parts[0]
 
 
-def rows_of(t: Any, n: int) -> Any:
-    """The first `n` rows of a dense, ragged or sparse tensor or array (`None` stays)."""
+_BATCHES = (np.ndarray, tf.Tensor, tf.RaggedTensor, tf.SparseTensor)
+
+
+def head(t: Any, n: int) -> Any:
+    """The first `n` rows of `t`: an array, a dense, ragged or sparse tensor, or `None`."""
     if t is None:
         return None
     if isinstance(t, tf.SparseTensor):
-        shape = tf.cast(t.dense_shape, tf.int64)
-        size = tf.concat([[tf.minimum(tf.cast(n, tf.int64), shape[0])], shape[1:]], 0)
-        return tf.sparse.slice(t, tf.zeros_like(shape), size)
+        return tf.sparse.slice(t, [0] * t.shape.rank, [n, *t.dense_shape[1:]])
     return t[:n]
 
 

@@ -133,7 +133,7 @@ def check(
     whole = batch
     if not row_states(template):  # a stateful RNN needs the batch it was built for
         rows = samples_per_tower * len(devices) + 1
-        batch = tf.nest.map_structure(lambda t: building.rows_of(t, rows), batch)
+        batch = tf.nest.map_structure(lambda t: building.head(t, rows), batch)
     report = Report(devices=list(devices), slices=[], rtol=rtol)
     with _without_randomness(template, report):
         comparison.compare(report, template, reference, towers, batch, whole)

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import keras
 import tensorflow as tf
 
-from replicate import _keras_compat, merge, reduce
+from replicate import _keras_compat, activity, merge, reduce
 
 # Tower k (counted over every process) draws its random numbers (Dropout
 # masks, noise) from the seed shifted by k times this odd constant, so towers
@@ -63,7 +63,7 @@ def row_states(model: keras.Model) -> list[keras.Variable]:
     found: dict[int, keras.Variable] = {}
     for layer in row_layers(model):
         for variable in tf.nest.flatten(layer.states):
-            if isinstance(variable, keras.Variable):
+            if _keras_compat.is_variable(variable):
                 found.setdefault(id(variable), variable)
     return list(found.values())
 
@@ -133,6 +133,7 @@ class TowerPass:
         self._functions: dict[bool, Callable[..., Any]] = {}
         self._logit_kinds: list[tuple[bool, str | None]] = []
         self.traces = 0  # how many times the forward pass was traced (its Python ran)
+        self._activity = activity.ActivityRows(model)  # Keras < 3.14 sums them per batch
 
     # -- random seeds -----------------------------------------------------------
 
@@ -164,7 +165,7 @@ class TowerPass:
             # A tower's rows: not the variable's shape, which the mapping would demand.
             keras.StatelessScope.add_update(scope, (variable, value))
         mapping += list(zip(row_variables, rows))
-        with scope, _keras_compat.any_batch_size(row_layers(model)):
+        with scope, _keras_compat.any_batch_size(row_layers(model)), self._activity:
             if self._training_arg:
                 outputs = model(x, training=training)
             else:

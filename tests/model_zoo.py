@@ -1,6 +1,7 @@
 """Models shared by the single-process tests and the multi-process worker."""
 
 import keras
+import keras_releases
 import numpy as np
 import tensorflow as tf
 from keras import ops
@@ -105,7 +106,9 @@ class OwnLoss(keras.Model):
         return self.out(self.hidden(x))
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        loss = super().compute_loss(x, y, y_pred, sample_weight, training)
+        # Keras < 3.4's compute_loss has no `training`, and people's overrides follow it.
+        extra = (training,) if keras_releases.COMPUTE_LOSS_TAKES_TRAINING else ()
+        loss = super().compute_loss(x, y, y_pred, sample_weight, *extra)
         penalty = 0.1 * ops.mean(ops.square(y_pred))
         self.penalty.update_state(penalty)
         return loss + penalty

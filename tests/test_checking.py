@@ -3,6 +3,7 @@
 import warnings
 
 import keras
+import keras_releases
 import model_zoo
 import numpy as np
 import pytest
@@ -117,7 +118,9 @@ CAUSES = {
     "aggregation": (
         lambda: _compiled(_mlp(SamplesSeen(name="samples_seen"))),
         r"^layer `samples_seen` writes `sequential(_\d+)?/samples_seen/seen` per tower, and its "
-        r"aggregation \('none'\) does not combine the towers' values as one device computes "
+        # Keras' default aggregation: "mean" before Keras 3.8.
+        rf"aggregation \('{keras_releases.DEFAULT_AGGREGATION}'\) does not combine the towers' "
+        r"values as one device computes "
         r"it \(max relative difference .*\); choose aggregation='sum', 'mean' or "
         r"'only_first_replica' to match what the variable means$",
     ),

@@ -2,10 +2,12 @@
 equals single-device `fit` from the same start (the README's table names these tests)."""
 
 import keras
+import keras_releases
 import model_zoo
 import numpy as np
 import pytest
 from keras import ops
+from keras_releases import number
 
 import replicate
 
@@ -58,7 +60,9 @@ def test_validation_split_and_validation_data(devices, data, weight_diff):
 
 
 def test_steps_per_execution(devices, data, weight_diff):
-    x, y = data
+    x, y = data  # 7 batches: the last of 3 executions is short
+    if not keras_releases.SHORT_LAST_EXECUTION:
+        x, y = x[:60], y[:60]  # 6 batches: Keras < 3.7 defines only whole executions
     single, model, parallel = _pair(devices, steps_per_execution=3)
     _assert_same(_fit(parallel, x, y), _fit(single, x, y), model, single, weight_diff)
 
@@ -105,9 +109,9 @@ def test_mixed_float16_overflowing_scale_skips_steps_everywhere(policy, devices,
     assert model.layers[0].compute_dtype == "float16"
     expected = _fit(single, x, y)
     history = _fit(parallel, x, y)
-    assert float(parallel.optimizer.dynamic_scale) == float(single.optimizer.dynamic_scale)
-    assert float(single.optimizer.dynamic_scale) < 2.0**40
-    assert int(parallel.optimizer.iterations) == int(single.optimizer.iterations)
+    assert number(parallel.optimizer.dynamic_scale) == number(single.optimizer.dynamic_scale)
+    assert number(single.optimizer.dynamic_scale) < 2.0**40
+    assert number(parallel.optimizer.iterations) == number(single.optimizer.iterations)
     for a, b in zip(model.get_weights(), single.get_weights()):
         np.testing.assert_allclose(a, b, atol=2e-3)  # float16 rounding per tower
     np.testing.assert_allclose(history["loss"], expected["loss"], rtol=2e-3)
@@ -136,7 +140,9 @@ def test_compute_loss_and_compute_metrics_overrides(devices, data, weight_diff):
     single, model, parallel = _pair(devices, make=model_zoo.own_loss)
     expected = _fit(single, x, y)
     history = _fit(parallel, x, y)
-    assert "penalty" in history and "mean_logit" in history
+    assert "penalty" in history
+    # Keras < 3.3 reports `model.metrics` only: `mean_logit` is a value compute_metrics adds.
+    assert ("mean_logit" in history) == keras_releases.FIT_REPORTS_STEP_RESULTS
     _assert_same(history, expected, model, single, weight_diff)
 
 
@@ -272,7 +278,8 @@ def test_masks_reach_metrics_and_loss(devices, weight_diff):
     for key in expected:  # accuracy counts real tokens only
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, err_msg=key)
     unmasked = (single.predict(x, verbose=0).argmax(-1) == y).mean()
-    assert abs(unmasked - expected["accuracy"]) > 0.01  # padding would change it
+    if keras_releases.METRICS_APPLY_MASKS:  # Keras < 3.12 counts padding too, on one device
+        assert abs(unmasked - expected["accuracy"]) > 0.01  # padding would change it
     _assert_same(_fit(parallel, x, y), _fit(single, x, y), model, single, weight_diff)
 
 
@@ -286,7 +293,7 @@ def test_saves_hold_the_compiled_state_and_resume(devices, data, weight_diff, tm
     for name in ("ckpt", "saved"):
         loaded = keras.models.load_model(tmp_path / f"{name}.keras")
         assert isinstance(loaded.optimizer, keras.optimizers.Adam)
-        assert int(loaded.optimizer.iterations) == 14
+        assert number(loaded.optimizer.iterations) == 14
         assert weight_diff(loaded, single) <= 1e-5
     # Resume without compiling again, as a loaded Keras model does.
     resumed = keras.models.load_model(tmp_path / "saved.keras")
@@ -399,10 +406,10 @@ def test_layer_state_follows_variable_aggregation(devices, data):
     _fit(single, x[:60], y[:60], epochs=1, batch_size=20)  # 3 equal batches
     _fit(parallel, x[:60], y[:60], epochs=1, batch_size=20)
     counting, counting_single = model.layers[0], single.layers[0]
-    assert float(counting.seen) == float(counting_single.seen) == 60.0
-    assert int(counting.seen_int) == int(counting_single.seen_int) == 60
-    np.testing.assert_allclose(float(counting.mean_abs), float(counting_single.mean_abs), 1e-6)
-    assert int(counting.first) == int(counting_single.first) == 3  # once per step
+    assert number(counting.seen) == number(counting_single.seen) == 60.0
+    assert number(counting.seen_int) == number(counting_single.seen_int) == 60
+    np.testing.assert_allclose(number(counting.mean_abs), number(counting_single.mean_abs), 1e-6)
+    assert number(counting.first) == number(counting_single.first) == 3  # once per step
 
 
 def test_sum_form_add_loss_is_scaled_by_slice_share(devices, data):

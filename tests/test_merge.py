@@ -16,10 +16,13 @@ def test_merge_concatenates_keras_masks():
 # -- Keras as people write it: what the merge must keep ---------------------------------------
 
 import keras  # noqa: E402
+import keras_releases  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from equivalence import assert_same_as_one_device, sgd  # noqa: E402
+from equivalence import assert_same_as_one_device, max_weight_difference, sgd  # noqa: E402
 from keras import ops  # noqa: E402
+
+import replicate  # noqa: E402
 
 RNG = np.random.default_rng(11)
 # Unnormalized features saturate the outputs: only the logits keep the loss.
@@ -162,6 +165,19 @@ def _endpoint():
 
 def test_a_per_sample_add_loss_is_summed_over_every_row(devices):
     x = [WIDE / 50.0, LABELS]
+    if not keras_releases.ADD_LOSS_ROWS_ARE_SUMMED:
+        # Keras < 3.3 keeps the rows unreduced: its gradient is the sum's, but the loss it
+        # reports is their mean, where replicate reports the sum. The training is compared.
+        single = _endpoint()
+        single.compile(optimizer=sgd(0.01))
+        single.fit(x, batch_size=17, epochs=2, shuffle=False, verbose=0)
+        for towers in (1, 2, 3):
+            model = _endpoint()
+            parallel = replicate.replicate(model, devices[:towers])
+            parallel.compile(optimizer=sgd(0.01))
+            parallel.fit(x, batch_size=17, epochs=2, shuffle=False, verbose=0)
+            assert max_weight_difference(model, single) <= 1e-5
+        return
     measured = assert_same_as_one_device(
         _endpoint, lambda m: m.compile(optimizer=sgd(0.01)), x, None, devices=devices
     )

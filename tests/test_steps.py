@@ -1,10 +1,12 @@
 """A model's own train_step/test_step/predict_step on towers, and synchronized BatchNorm."""
 
 import keras
+import keras_releases
 import model_zoo
 import numpy as np
 import pytest
 import tensorflow as tf
+from keras_releases import number
 
 import replicate
 
@@ -22,11 +24,15 @@ def test_own_train_step_with_two_optimizers_equals_one_device(
     parallel = _compile_two(replicate.replicate(model, devices[:towers]))
     history = parallel.fit(x, y, batch_size=10, epochs=2, shuffle=False, verbose=0).history
     assert weight_diff(model, single) <= 1e-5
-    assert sorted(history) == sorted(expected) == ["error", "first_loss", "second"]
+    reported = ["error", "first_loss", "second"]  # what the step returns
+    if not keras_releases.FIT_REPORTS_STEP_RESULTS:
+        reported.remove("second")  # Keras < 3.3 reports `model.metrics` only
+    assert sorted(history) == sorted(expected) == reported
     for key in expected:
         np.testing.assert_allclose(history[key], expected[key], atol=1e-5, err_msg=key)
     # The optimizers stepped once per batch, not once per tower.
-    assert int(model.first_optimizer.iterations) == int(single.first_optimizer.iterations) == 14
+    assert number(model.first_optimizer.iterations) == 14
+    assert number(single.first_optimizer.iterations) == 14
 
 
 def test_own_test_and_predict_steps(devices, classification_data):
@@ -120,7 +126,7 @@ def test_gan_with_noise_and_two_optimizers_trains(devices, classification_data):
         np.abs(a - b).max() for a, b in zip(gan.discriminator.get_weights(), discriminator_before)
     ]
     assert min(moved) > 0
-    assert int(parallel.template.d_optimizer.iterations) == 8  # 4 batches x 2 epochs
+    assert number(parallel.template.d_optimizer.iterations) == 8  # 4 batches x 2 epochs
 
 
 _synchronized = model_zoo.synchronized_bn
@@ -191,8 +197,8 @@ def test_towers_that_take_different_paths_are_an_error(devices):
     model(np.ones((1, 3), "float32"))
     parallel = replicate.replicate(model, devices[:2])
     parallel.compile(optimizer="sgd")
-    with pytest.raises(
-        RuntimeError, match=r"diverged \(tower 0: sgd\w*.apply, tower 1: finished\)"
+    with pytest.raises(  # the optimizer's name: `SGD` before Keras 3.15, `sgd` after
+        RuntimeError, match=r"diverged \(tower 0: (?i:sgd)\w*.apply, tower 1: finished\)"
     ):
         parallel.fit(np.ones((4, 3), "float32"), batch_size=4, verbose=0)
 

@@ -7,8 +7,9 @@ place where replicate touches one, names the versions it was checked on, and
 installed versions, when one of them is missing. No other module of replicate
 reads a private Keras or TensorFlow name (`tests/test_house.py` checks that).
 
-Checked on: Keras 3.15.1 with TensorFlow 2.21.0 (the project's pinned
-stack); the fallbacks named in each docstring cover older Keras 3 releases.
+Checked on both ends of the supported range: Keras 3.2.0 with TensorFlow 2.16.1
+(`requirements/oldest.txt`, `make test-compat`) and Keras 3.15.1 with
+TensorFlow 2.21.0; the fallbacks in the docstrings cover the releases between.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import keras
 import tensorflow as tf
 
 from replicate._keras_compat.keras_internals import (
+    KERAS_VERSION,
     LOGITS,
     MASK,
     _global_state,
@@ -29,6 +31,7 @@ from replicate._keras_compat.keras_internals import (
     get_logits,
     get_mask,
     get_tensor_attribute,
+    is_variable,
     loss_tracker,
     optimizer_variables,
     set_global_attribute,
@@ -54,6 +57,7 @@ from replicate._keras_compat.tensorflow_internals import (
 )
 
 __all__ = [
+    "KERAS_VERSION",
     "LOGITS",
     "MASK",
     "abort_collectives",
@@ -68,6 +72,7 @@ __all__ = [
     "get_logits",
     "get_mask",
     "get_tensor_attribute",
+    "is_variable",
     "loss_tracker",
     "native_hyperparameters",
     "optimizer_variables",
@@ -112,9 +117,11 @@ def verify() -> list[str]:
     rnn = keras.layers.SimpleRNN(1, stateful=True)
     rnn.build((2, 1, 1))
     checks = [
-        ("RNN._expected_batch_size", lambda: rnn._expected_batch_size),
+        # Keras < 3.12 has no batch-size check to relax (`any_batch_size`).
+        ("RNN._expected_batch_size", lambda: KERAS_VERSION < (3, 12) or rnn._expected_batch_size),
         ("Variable._shape", lambda: rnn.states[0]._shape),
         ("keras global_state", lambda: _global_state().get_global_attribute),
+        ("backend.common.KerasVariable", lambda: is_variable(rnn)),
         ("Model._compile_loss", lambda: model._compile_loss),
         ("Trainer._symbolic_build", lambda: model._symbolic_build),
         ("Model._loss_tracker", lambda: model._loss_tracker),
@@ -150,7 +157,7 @@ def verify() -> list[str]:
             raise RuntimeError(
                 f"replicate needs the internal `{name}`, which Keras {keras.__version__} with "
                 f"TensorFlow {tf.__version__} does not have ({error}). replicate was checked on "
-                "Keras 3.15.1 and TensorFlow 2.21.0; install a supported pair "
-                "(see the README's Stack line)."
+                "Keras 3.2.0 with TensorFlow 2.16.1 and Keras 3.15.1 with TensorFlow 2.21.0; "
+                "install a supported pair (see the README's Stack line)."
             ) from error
     return [name for name, _ in checks]

@@ -11,6 +11,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+# (major, minor) of the installed Keras, for the behaviours that changed between releases.
+KERAS_VERSION = tuple(int(part) for part in keras.__version__.split(".")[:2])
+
 # -- tensor attributes: Keras masks and the logits behind an activation -------
 
 
@@ -52,7 +55,7 @@ LOGITS = "_keras_logits"
 
 
 def get_mask(tensor: Any) -> Any:
-    """The Keras mask of `tensor`, or `None` (Keras 3.0-3.15: `_keras_mask`)."""
+    """The Keras mask of `tensor`, or `None` (Keras 3.2-3.15: `_keras_mask`)."""
     return get_tensor_attribute(tensor, MASK)
 
 
@@ -64,7 +67,7 @@ def set_mask(tensor: Any, mask: Any) -> None:
 def get_logits(tensor: Any) -> Any:
     """The logits Keras keeps behind a sigmoid or softmax output, or `None`.
 
-    Keras 3.0-3.15 attach them as `_keras_logits` (`keras.activations.sigmoid`,
+    Keras 3.2-3.15 attach them as `_keras_logits` (`keras.activations.sigmoid`,
     `softmax`, `keras.ops.sigmoid`), and its crossentropies read them instead
     of the clipped probabilities.
     """
@@ -86,7 +89,7 @@ def _global_state() -> Any:
 def get_global_attribute(name: str) -> Any:
     """A Keras global (per-thread) attribute: dtype policy, seed generator, random seed.
 
-    `keras.src.backend.common.global_state`, Keras 3.0-3.15.
+    `keras.src.backend.common.global_state`, Keras 3.2-3.15.
     """
     return _global_state().get_global_attribute(name)
 
@@ -100,12 +103,12 @@ def set_global_attribute(name: str, value: Any) -> None:
 
 
 def compiled_loss(model: keras.Model) -> Any:
-    """The model's compiled loss, or `None` (`Trainer._compile_loss`, Keras 3.0-3.15)."""
+    """The model's compiled loss, or `None` (`Trainer._compile_loss`, Keras 3.2-3.15)."""
     return getattr(model, "_compile_loss", None)
 
 
 def loss_tracker(model: keras.Model) -> keras.metrics.Mean:
-    """The `Mean` behind the `loss` Keras shows (`Trainer._loss_tracker`, Keras 3.0-3.15)."""
+    """The `Mean` behind the `loss` Keras shows (`Trainer._loss_tracker`, Keras 3.2-3.15)."""
     return model._loss_tracker
 
 
@@ -123,8 +126,8 @@ def compute_loss(
 
     Keras reads `model.losses` inside `compute_loss`; replicate computes the
     model's own losses over the towers and hands them in through
-    `Layer._losses_override` (Keras 3.0-3.15). `Trainer._compute_loss` (Keras
-    >= 3.3) passes `training` only to overrides that accept it.
+    `Layer._losses_override` (Keras 3.2-3.15). `Trainer._compute_loss` (Keras
+    >= 3.4) passes `training` only to overrides that accept it.
     """
     model._losses_override = list(losses)
     try:
@@ -139,25 +142,31 @@ def compute_loss(
 # -- layers, optimizers, fit --------------------------------------------------
 
 
+def is_variable(value: Any) -> bool:
+    """Whether `value` is a Keras variable (`backend.common.KerasVariable`, Keras
+    3.2-3.15; before 3.7 Keras' own variables are not instances of `keras.Variable`)."""
+    return isinstance(value, importlib.import_module("keras.src.backend.common").KerasVariable)
+
+
 def sublayers(model: keras.Layer) -> Iterator[keras.Layer]:
-    """Every layer inside `model`, nested ones too (`Layer._flatten_layers`, Keras 3.0-3.15)."""
+    """Every layer inside `model`, nested ones too (`Layer._flatten_layers`, Keras 3.2-3.15)."""
     return model._flatten_layers(include_self=False)
 
 
 def optimizer_variables(optimizer: keras.optimizers.Optimizer) -> list[Any]:
-    """The variables an optimizer was built for (`_trainable_variables`, Keras 3.0-3.15)."""
+    """The variables an optimizer was built for (`_trainable_variables`, Keras 3.2-3.15)."""
     return list(optimizer._trainable_variables)
 
 
 def set_initial_epoch(model: keras.Model, epoch: int | None) -> None:
     """Makes the next `fit` start at `epoch` (what Keras' `BackupAndRestore` sets:
-    `Trainer._initial_epoch`, Keras 3.0-3.15); `None` clears it."""
+    `Trainer._initial_epoch`, Keras 3.2-3.15); `None` clears it."""
     model._initial_epoch = epoch
 
 
 def symbolic_build(model: keras.Model, data_batch: Any) -> None:
     """Builds `model` (its layers, compiled loss and metrics, optimizer) from one batch,
-    as Keras' `fit` does before its first step (`Trainer._symbolic_build`, Keras 3.0-3.15)."""
+    as Keras' `fit` does before its first step (`Trainer._symbolic_build`, Keras 3.2-3.15)."""
     model._symbolic_build(data_batch=data_batch)
 
 
@@ -166,22 +175,27 @@ def any_batch_size(layers: Sequence[keras.Layer]) -> Iterator[None]:
     """Lets stateful RNN `layers` run on a tower's rows of their state.
 
     A stateful RNN checks each batch's static size against the batch its
-    state was built for (`RNN._expected_batch_size`), and assigning its new
-    state checks the state variable's shape (`Variable._shape`); a tower
-    holds part of those rows. Both are relaxed for the duration (the batch
-    dimension becomes `None`) and restored after. Keras 3.0-3.15.
+    state was built for (`RNN._expected_batch_size`, Keras >= 3.12; earlier
+    releases do not check), and assigning its new state checks the state
+    variable's shape (`Variable._shape`, Keras 3.2-3.15); a tower holds part
+    of those rows. Both are relaxed for the duration (the batch dimension
+    becomes `None`) and restored after.
     """
     saved = []
     for layer in layers:
-        variables = [v for v in tf.nest.flatten(layer.states) if isinstance(v, keras.Variable)]
-        saved.append((layer, layer._expected_batch_size, [(v, v._shape) for v in variables]))
-        layer._expected_batch_size = None
+        variables = [v for v in tf.nest.flatten(layer.states) if is_variable(v)]
+        checks = hasattr(layer, "_expected_batch_size")
+        expected = layer._expected_batch_size if checks else None
+        saved.append((layer, checks, expected, [(v, v._shape) for v in variables]))
+        if checks:
+            layer._expected_batch_size = None
         for v in variables:
             v._shape = (None, *v._shape[1:])
     try:
         yield
     finally:
-        for layer, expected, shapes in saved:
-            layer._expected_batch_size = expected
+        for layer, checks, expected, shapes in saved:
+            if checks:
+                layer._expected_batch_size = expected
             for v, shape in shapes:
                 v._shape = shape
