@@ -50,7 +50,7 @@ def test_the_distribution_has_its_own_name_and_a_plain_install_brings_no_scikit_
     assert metadata.version("keras-replicate") == replicate.__version__
     requirements = metadata.requires("keras-replicate")
     plain = sorted(r.split(";")[0].strip() for r in requirements if "extra ==" not in r)
-    assert plain == ["keras<4,>=3.0", "numpy", "nvidia-ml-py", "tensorflow<2.22,>=2.16"]
+    assert plain == ["keras<4,>=3.2", "numpy", "nvidia-ml-py", "tensorflow<2.22,>=2.16"]
     demo = [r.split(";")[0].strip() for r in requirements if 'extra == "demo"' in r]
     assert demo == ["scikit-learn"]
     files = {str(f) for f in metadata.files("keras-replicate")}

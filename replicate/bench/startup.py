@@ -10,6 +10,7 @@ a fresh process for each figure.
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,9 @@ def _build(spec: dict[str, Any], devices: list[str]):
             return compile_(_model(spec["model"]))
     with tf.device("/cpu:0"):
         template = _model(spec["model"])
-    return compile_(replicate.replicate(template, devices, check=False))
+    # The check at the first fit is timed apart (README); releases before it lack the option.
+    quiet = {"check": False} if "check" in inspect.signature(replicate.replicate).parameters else {}
+    return compile_(replicate.replicate(template, devices, **quiet))
 
 
 def startup_worker(spec: dict[str, Any], devices: list[str]) -> None:
