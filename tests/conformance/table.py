@@ -44,6 +44,11 @@ def _summary(measurements: list[harness.Measurement]) -> str:
     return ", ".join(f"{n} {o}" for o, n in counts.items())
 
 
+def row(cells):
+    """One Markdown table row; a pipe inside a cell (a regular expression's `a|b`) is escaped."""
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
 def render(
     measurements: list[harness.Measurement], *, seconds: float, load: tuple[float, float] = (0, 0)
 ) -> str:
@@ -93,7 +98,7 @@ def render(
                 _number(measured.weight_diff),
                 _number(measured.loss_diff),
             ]
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+        lines.append(row(cells))
         if example.reason or example.faults:
             parts = [example.reason] if example.reason else []
             parts += [

@@ -50,7 +50,8 @@ def test_the_table_has_a_row_per_example_before_any_run():
 
 
 def test_a_pipe_in_a_criterion_does_not_break_the_table():
-    text = table.render([], seconds=0.0)
-    switch = next(line for line in text.splitlines() if line.startswith("| switch_transformer |"))
-    assert r"split\|slice of the batch" in switch
-    assert switch.replace(r"\|", "").count("|") == 12  # 11 cells
+    line = table.row(["switch", r"raised in tower (0|1)", "not run"])
+    assert line == r"| switch | raised in tower (0\|1) | not run |"
+    assert line.replace(r"\|", "").count("|") == 4  # 3 cells
+
+
