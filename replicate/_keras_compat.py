@@ -292,6 +292,35 @@ def abort_collectives(code: int, message: str) -> None:
     _eager_context().abort_collective_ops(code, message)
 
 
+# -- tf.data pipelines -------------------------------------------------------------
+
+
+def dataset_inputs(dataset: tf.data.Dataset) -> list[tf.data.Dataset]:
+    """The datasets `dataset` is made from (`DatasetV2._inputs()`, TensorFlow 2.16-2.21)."""
+    return list(dataset._inputs())
+
+
+def shuffled_upstream(dataset: tf.data.Dataset) -> str | None:
+    """The class of a shuffle anywhere upstream of `dataset` (itself included), or None.
+
+    `Dataset.shuffle` and `Dataset.list_files(shuffle=True)` make a
+    `_ShuffleDataset` (`tensorflow/python/data/ops/shuffle_op.py`, TensorFlow
+    2.16-2.21); the deprecated `shuffle_and_repeat` a `_ShuffleAndRepeatDataset`.
+    Datasets made inside a function (`interleave`, `flat_map`) are not seen.
+    """
+    stack, seen = [dataset], set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        name = type(current).__name__
+        if "Shuffle" in name:
+            return name
+        stack.extend(dataset_inputs(current))
+    return None
+
+
 # -- the check ------------------------------------------------------------------
 
 
@@ -332,6 +361,9 @@ def verify() -> list[str]:
             "context.check_collective_ops_peer_health",
             lambda: _eager_context().check_collective_ops_peer_health,
         ),
+        ("DatasetV2._inputs", lambda: tf.data.Dataset.range(1)._inputs),
+        # None (no shuffle recognised) has no `.lower`: an AttributeError, as a missing name.
+        ("_ShuffleDataset", lambda: shuffled_upstream(tf.data.Dataset.range(2).shuffle(2)).lower),
         (
             "collective_ops.all_reduce_v2",
             lambda: importlib.import_module("tensorflow.python.ops.collective_ops").all_reduce_v2,

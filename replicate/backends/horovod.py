@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from replicate.backends.base import Backend
@@ -51,7 +52,7 @@ class HorovodBackend(Backend):
             and casts them back; `"none"` or `None` sends them as they are.
         hang_timeout: See `replicate.Backend`: seconds a process may spend
             outside the collective steps before it is stopped. Defaults to
-            `REPLICATE_HANG_TIMEOUT` or 120.
+            `REPLICATE_HANG_TIMEOUT` or 1800.
 
     Raises:
         ValueError: For an unknown compression.
@@ -91,7 +92,20 @@ class HorovodBackend(Backend):
         return self._hvd.allreduce(tf.reshape(value, (1,)), op=self._hvd.Max)[0]
 
     def _broadcast(self, variables: list[tf.Variable], root_rank: int) -> None:
-        self._hvd.broadcast_variables(variables, root_rank=root_rank)
+        # Eagerly, one buffer per dtype, in the variables' order. Horovod's own
+        # `broadcast_variables` traces a function whose tensors are named after
+        # the variables, and Horovod matches tensors by name: processes whose
+        # variable names differ (a model loaded on the chief, built afresh on
+        # the others) would wait for each other for ever.
+        groups: dict[tf.DType, list[int]] = {}
+        for i, variable in enumerate(variables):
+            groups.setdefault(variable.dtype, []).append(i)
+        for indices in groups.values():
+            flat = tf.concat([tf.reshape(variables[i], [-1]) for i in indices], axis=0)
+            received = self._hvd.broadcast(flat, root_rank)
+            sizes = [int(np.prod(variables[i].shape)) for i in indices]
+            for i, piece in zip(indices, tf.split(received, sizes)):
+                variables[i].assign(tf.reshape(piece, variables[i].shape))
 
     def _is_lost_peer(self, error: BaseException) -> bool:
         return "Horovod has been shut down" in str(error) or (

@@ -1,0 +1,139 @@
+"""The processes of a `fit` in lockstep: the same epoch and step, one agreed `stop_training`.
+
+`Lockstep` is the last callback of a `fit` across processes. At each epoch's
+start and end every process exchanges its position (`replicate.backends.
+agreement`), and each training step carries a small token inside its own
+collective: the epoch, the step and whether the process wants to stop. So:
+
+- when a callback sets `model.stop_training = True` on one process (its own
+  condition, `TerminateOnNaN`, `EarlyStopping` on per-process data), every
+  process stops after the same step: at an epoch's end, after that epoch; in
+  the middle of an epoch, after the next step, whose token carries the wish;
+- processes that ran different steps stop with an error naming each one's
+  position, instead of waiting for each other;
+- where the chief writes (its `ModelCheckpoint`, a backup), the others know
+  it, so that their watchdog does not take the wait for a frozen peer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import keras
+
+from replicate.backends.agreement import Position, fingerprint
+
+
+class Progress:
+    """Where a replicated model is: in a `fit` or not, its epoch, the epochs it trained.
+
+    The positions processes exchange are read from here (`in evaluate after
+    epoch 2`).
+    """
+
+    def __init__(self) -> None:
+        self.fitting = False
+        self.epoch = 0
+        self.trained = 0
+
+    @contextlib.contextmanager
+    def in_fit(self) -> Iterator[None]:
+        """Marks a `fit`: inside it, `save` and export are the chief's alone."""
+        before = self.fitting
+        self.fitting = True
+        try:
+            yield
+        finally:
+            self.fitting = before
+
+
+class ChiefWriters:
+    """When the chief's `ModelCheckpoint`s write, as the other processes can tell.
+
+    The other processes do not run `ModelCheckpoint` (only the chief writes),
+    but they know its settings: `save_freq="epoch"` writes at every epoch's
+    end, an integer every that many batches (counted as Keras counts them).
+
+    Args:
+        checkpoints: The `ModelCheckpoint`s the chief runs.
+    """
+
+    def __init__(self, checkpoints: Sequence[keras.callbacks.ModelCheckpoint] = ()) -> None:
+        self.every_epoch = any(c.save_freq == "epoch" for c in checkpoints)
+        self.frequencies = [c.save_freq for c in checkpoints if c.save_freq != "epoch"]
+        self._since = [0] * len(self.frequencies)
+        self._last: int | None = None
+
+    def at_batch_end(self, batch: int) -> bool:
+        """Whether a checkpoint is written after `batch` (call once per batch end)."""
+        added = batch + 1 if self._last is None or batch <= self._last else batch - self._last
+        self._last = batch
+        writes = False
+        for i, frequency in enumerate(self.frequencies):
+            self._since[i] += added
+            if self._since[i] >= frequency:
+                self._since[i] = 0
+                writes = True
+        return writes
+
+
+class Lockstep(keras.callbacks.Callback):
+    """Keeps the processes of a `fit` at the same epoch and step, with one `stop_training`.
+
+    Goes last in `fit`'s callbacks (`replicate.processes.prepare_fit` puts it
+    there), so that it sees what every other callback decided.
+
+    Args:
+        backend: The model's process backend.
+        variables: The variables training changes (for the fingerprint).
+        writers: When the chief writes checkpoints (`ChiefWriters`); empty on
+            the chief itself.
+    """
+
+    def __init__(self, backend: Any, variables: Sequence[Any], writers: ChiefWriters) -> None:
+        super().__init__()
+        self.backend = backend
+        self.agreement = backend.agreement
+        self.mark = fingerprint(variables)
+        self.writers = writers
+        self.epoch = 0
+        self.wish = False
+
+    @property
+    def progress(self) -> Progress:
+        return self.model.progress
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        self.agreement.arm()
+        self.wish = False
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self.epoch = self.progress.epoch = epoch
+        self.agreement.meet(Position("epoch", epoch))
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        self.agreement.before_step(self.epoch, batch, self.mark, self.wish)
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        if self.writers.frequencies and self.writers.at_batch_end(batch):
+            self.backend.watchdog.expect_writer()  # the chief writes before the next step
+        seen = self.agreement.after_step(self.epoch, batch, self.mark, self.wish)
+        if self.agreement.stop_wanted(seen):
+            self.model.stop_training = True  # every process, after this same step
+            self.wish = False
+        elif self.model.stop_training:
+            # Only this process wants to stop: the next step tells the others,
+            # and every process stops after it.
+            self.model.stop_training = False
+            self.wish = True
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if self.writers.every_epoch:
+            self.backend.watchdog.expect_writer()  # the chief's checkpoint, just before
+        wish = self.wish or bool(self.model.stop_training)
+        outcome = self.agreement.meet(Position("epoch_end", epoch), stop=wish)
+        self.model.stop_training = outcome.stop
+        self.wish = False
+        self.progress.trained = epoch + 1
