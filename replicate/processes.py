@@ -194,10 +194,9 @@ def prepare_fit(call: dict[str, Any], backend: Any, variables: Any) -> None:
     from replicate.resume import process_aware_callbacks
 
     writers = _chief_only_output(call, backend)
-    call["callbacks"] = [
-        *process_aware_callbacks(call.get("callbacks"), backend),
-        Lockstep(backend, variables, writers),
-    ]
+    call["callbacks"] = process_aware_callbacks(call.get("callbacks"), backend)
+    if backend.lockstep:
+        call["callbacks"].append(Lockstep(backend, variables, writers))
     batch_size = call.get("batch_size") or 32
     split = call.pop("validation_split", 0.0)
     arrays = _as_arrays(call.get("x"))

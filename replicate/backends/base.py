@@ -43,6 +43,11 @@ class Backend:
             `REPLICATE_HANG_TIMEOUT` environment variable, else 1800 (30
             minutes, torch.distributed's default collective timeout); 0 turns
             it off.
+        lockstep: Each training step carries its agreement token
+            (`replicate.lockstep`): `stop_training` on one process stops
+            every process, and processes that ran different steps stop with
+            an error. `False` leaves the steps as they were before (only the
+            phases agree): for measuring the token's cost. Defaults to True.
 
     Raises:
         ValueError: For an unknown compression or a negative `hang_timeout`.
@@ -52,7 +57,11 @@ class Backend:
     launcher: str = "launcher"
 
     def __init__(
-        self, *, compression: str | None = None, hang_timeout: float | None = None
+        self,
+        *,
+        compression: str | None = None,
+        hang_timeout: float | None = None,
+        lockstep: bool = True,
     ) -> None:
         choice = "none" if compression is None else compression
         if choice not in COMPRESSIONS:
@@ -69,6 +78,7 @@ class Backend:
                 f"Received: hang_timeout={hang_timeout!r}"
             )
         self.hang_timeout = float(hang_timeout)
+        self.lockstep = bool(lockstep)
         self._watchdog = None
         self._agreement = None
 

@@ -98,6 +98,7 @@ class CollectiveBackend(Backend):
         hang_timeout: See `replicate.Backend`: seconds a process may spend
             outside the collective steps before it is stopped. Defaults to
             `REPLICATE_HANG_TIMEOUT` or 1800.
+        lockstep: See `replicate.Backend`. Defaults to True.
 
     Raises:
         ValueError: For an unknown `communication` or compression, or a
@@ -116,8 +117,9 @@ class CollectiveBackend(Backend):
         startup_timeout: float | None = None,
         health_interval: float = 5.0,
         hang_timeout: float | None = None,
+        lockstep: bool = True,
     ) -> None:
-        super().__init__(compression=compression, hang_timeout=hang_timeout)
+        super().__init__(compression=compression, hang_timeout=hang_timeout, lockstep=lockstep)
         if communication not in COMMUNICATIONS:
             raise ValueError(
                 f"Unknown communication. Received: communication={communication!r}. "

@@ -53,6 +53,7 @@ class HorovodBackend(Backend):
         hang_timeout: See `replicate.Backend`: seconds a process may spend
             outside the collective steps before it is stopped. Defaults to
             `REPLICATE_HANG_TIMEOUT` or 1800.
+        lockstep: See `replicate.Backend`. Defaults to True.
 
     Raises:
         ValueError: For an unknown compression.
@@ -63,9 +64,13 @@ class HorovodBackend(Backend):
     launcher = "horovodrun"
 
     def __init__(
-        self, compression: str | None = None, *, hang_timeout: float | None = None
+        self,
+        compression: str | None = None,
+        *,
+        hang_timeout: float | None = None,
+        lockstep: bool = True,
     ) -> None:
-        super().__init__(compression=compression, hang_timeout=hang_timeout)
+        super().__init__(compression=compression, hang_timeout=hang_timeout, lockstep=lockstep)
         self._hvd = _import_horovod()
         self._hvd.init()
 

@@ -1,4 +1,5 @@
-"""`replicate-bench` (or `python -m benchmarks`): scaling|optimizers|precision|consistency."""
+"""`replicate-bench` (or `python -m benchmarks`):
+scaling|optimizers|precision|consistency|agreement."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
         ("optimizers", "Keras 3 optimizers against native TensorFlow optimizers"),
         ("precision", "mixed precision through replicate against one device (closeness)"),
         ("consistency", "the per-step cost of ConsistencyCheck across 2 processes"),
+        ("agreement", "the per-step cost of the agreement token across 2 processes"),
     ):
         p = commands.add_parser(name, help=help_text)
         p.add_argument("--quick", action="store_true", help="a short run (minutes on 2 cores)")
@@ -46,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
             help="devices: GPUs if present, else simulated CPU devices (default 2)",
         )
         p.add_argument("--repeats", type=positive_int, help="counted repeats per process")
-        p.add_argument("--processes", type=positive_int, help="fresh processes (default 2)")
+        p.add_argument("--processes", type=positive_int, help="fresh processes or jobs (default 2)")
         p.add_argument("--steps", type=positive_int, help="steps per timed pass")
         p.add_argument("--batch", type=positive_int, help="global batch")
     sc = commands.choices["scaling"]
