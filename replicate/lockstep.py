@@ -11,6 +11,8 @@ collective: the epoch, the step and whether the process wants to stop. So:
   the middle of an epoch, after the next step, whose token carries the wish;
 - processes that ran different steps stop with an error naming each one's
   position, instead of waiting for each other;
+- a step in which no process had a sample (every process's generator ran
+  out) stops training everywhere, as Keras stops when its input runs out;
 - where the chief writes (its `ModelCheckpoint`, a backup), the others know
   it, so that their watchdog does not take the wait for a frozen peer.
 """
@@ -18,6 +20,7 @@ collective: the epoch, the step and whether the process wants to stop. So:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -120,7 +123,17 @@ class Lockstep(keras.callbacks.Callback):
         if self.writers.frequencies and self.writers.at_batch_end(batch):
             self.backend.watchdog.expect_writer()  # the chief writes before the next step
         seen = self.agreement.after_step(self.epoch, batch, self.mark, self.wish)
-        if self.agreement.stop_wanted(seen):
+        if not any(self.agreement.samples(seen)):
+            warnings.warn(
+                f"replicate: every process's input ran out of data at step {batch + 1} of "
+                f"epoch {self.epoch + 1}; interrupting training on every process, as Keras "
+                "does when its input runs out. With `steps_per_epoch`, give the process with "
+                "the most data at least `steps_per_epoch * epochs` batches (`.repeat()`).",
+                stacklevel=2,
+            )
+            self.model.stop_training = True
+            self.wish = False
+        elif self.agreement.stop_wanted(seen):
             self.model.stop_training = True  # every process, after this same step
             self.wish = False
         elif self.model.stop_training:

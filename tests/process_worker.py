@@ -445,8 +445,9 @@ def names_case(out, backend, case):
     return {"names": names, "loss": history.history["loss"]}
 
 
-def steps_case(out, backend, kind):
-    """steps_per_epoch=5 over 2 epochs with 10 batches on rank 0 and 6 on rank 1."""
+def steps_case(out, backend, kind, epochs=2):
+    """steps_per_epoch=5 over 2 epochs with 10 batches on rank 0 and 6 on rank 1 (over 3
+    epochs a generator runs out everywhere)."""
     rank = backend.rank
     (x, y), (xv, yv) = short_shards(rank)
     model = model_zoo.mlp(seed=21)
@@ -455,12 +456,14 @@ def steps_case(out, backend, kind):
     val = tf.data.Dataset.from_tensor_slices((xv, yv)).batch(STEPS_BATCH)
     if kind == "dataset":
         data = tf.data.Dataset.from_tensor_slices((x, y)).batch(STEPS_BATCH)
+    elif kind == "generator_ran_out":
+        data, epochs = ((x[i : i + 7], y[i : i + 7]) for i in range(0, len(x), 7)), 3
     else:
         data = (
             (x[i : i + STEPS_BATCH], y[i : i + STEPS_BATCH]) for i in range(0, len(x), STEPS_BATCH)
         )
     history = parallel.fit(
-        data, epochs=2, steps_per_epoch=5, validation_data=val, validation_steps=3, verbose=0
+        data, epochs=epochs, steps_per_epoch=5, validation_data=val, validation_steps=3, verbose=0
     )
     np.savez(out / f"steps_{kind}_rank{rank}.npz", *model.get_weights())
     return {"history": history.history, "iterations": int(parallel.optimizer.iterations)}
@@ -545,7 +548,7 @@ def agree(out, backend):
     results = {}
     for case in ("loaded", "extra"):
         results[f"names_{case}"] = names_case(out, backend, case)
-    for kind in ("dataset", "generator"):
+    for kind in ("dataset", "generator", "generator_ran_out"):
         results[f"steps_{kind}"] = steps_case(out, backend, kind)
     for where in ("batch", "epoch"):
         results[f"stop_{where}"] = stop_case(out, backend, where)

@@ -370,6 +370,16 @@ def test_steps_per_epoch_with_a_short_shard_follows_the_uneven_rule(kind, agreed
         np.testing.assert_allclose(got["history"][key], history[key], rtol=1e-5, err_msg=key)
 
 
+def test_generators_that_all_ran_out_stop_every_process(agreed):
+    """Over 3 epochs of 5 steps, rank 0's 10 batches run out after epoch 2: the first step
+    of epoch 3 has no sample anywhere, and both stop there, as Keras does alone."""
+    _, out, ranks = agreed
+    got = ranks[0]["steps_generator_ran_out"]
+    assert got == ranks[1]["steps_generator_ran_out"]
+    assert got["iterations"] == 11 and len(got["history"]["loss"]) == 3
+    _same_on_both_ranks(out, "steps_generator_ran_out")
+
+
 def test_stop_training_on_one_process_stops_both_after_the_same_step(agreed):
     _, out, ranks = agreed
     # Rank 1 stops after step 3 of epoch 1: the wish travels with step 4, after which
