@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -232,12 +233,15 @@ class ReplicatedModel(keras.Model):
         watchdog = self._backend.watchdog
 
         def marked(iterator):
+            lockstep = self.progress.lockstep if skip else None  # across processes, in fit
             if skip and self.skip_batches > 0:
                 for _ in range(min(self.skip_batches, self.steps_per_execution)):
                     next(iterator)
                     self.skip_batches -= 1
+                if lockstep is not None:
+                    lockstep.after(self.steps_per_execution, ran=False)
                 return {}
-            with watchdog.waiting():
+            with lockstep or contextlib.nullcontext(), watchdog.waiting():
                 return function(iterator)
 
         return marked
@@ -286,9 +290,7 @@ class ReplicatedModel(keras.Model):
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         """As `keras.Model.evaluate`; across processes the results cover every process.
 
-        It is a collective: every process calls it (the processes first agree
-        that they are all in `evaluate`). To evaluate on one process alone,
-        use `parallel.template.evaluate(...)`.
+        Every process calls it; on one process alone use `parallel.template.evaluate`.
         """
         call = processes.bind(keras.Model.evaluate, self, args, kwargs)
         if self._backend.size == 1:

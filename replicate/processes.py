@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from replicate.data import ProcessBatches, agree_on_steps
-from replicate.lockstep import ChiefWriters, Lockstep
+from replicate.lockstep import CatchingLockstep, ChiefWriters, Lockstep, has_batch_end_hook
 
 # Callbacks that write files: only the chief runs them.
 CHIEF_ONLY = (
@@ -194,9 +194,13 @@ def prepare_fit(call: dict[str, Any], backend: Any, variables: Any) -> None:
     from replicate.resume import process_aware_callbacks
 
     writers = _chief_only_output(call, backend)
-    call["callbacks"] = process_aware_callbacks(call.get("callbacks"), backend)
+    callbacks = process_aware_callbacks(call.get("callbacks"), backend)
     if backend.lockstep:
-        call["callbacks"].append(Lockstep(backend, variables, writers))
+        # A batch-end hook of Lockstep's own would make Keras wait for the callbacks
+        # after every step; it needs one only where another callback has one.
+        kind = CatchingLockstep if any(map(has_batch_end_hook, callbacks)) else Lockstep
+        callbacks.append(kind(backend, variables, writers))
+    call["callbacks"] = callbacks
     batch_size = call.get("batch_size") or 32
     split = call.pop("validation_split", 0.0)
     arrays = _as_arrays(call.get("x"))

@@ -469,22 +469,40 @@ def steps_case(out, backend, kind, epochs=2):
     return {"history": history.history, "iterations": int(parallel.optimizer.iterations)}
 
 
-class StopOn(keras.callbacks.Callback):
-    """Sets stop_training on one rank only, after a batch or at an epoch's end."""
+class StopAfterBatch(keras.callbacks.Callback):
+    """Rank 1 sets stop_training after step 3 of epoch 1 (a batch-end hook)."""
 
-    def __init__(self, rank, batch=None, epoch=None):
+    def __init__(self, rank):
         super().__init__()
-        self.rank, self.batch, self.epoch, self.current = rank, batch, epoch, 0
+        self.rank, self.epoch = rank, 0
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.current = epoch
+        self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.rank and self.current == 0 and batch == self.batch:
+        if self.rank == 1 and self.epoch == 0 and batch == 2:
             self.model.stop_training = True
 
+
+class StopBeforeBatch(StopAfterBatch):
+    """Rank 1 sets stop_training before step 3 of epoch 1 (only a batch-begin hook)."""
+
+    on_train_batch_end = keras.callbacks.Callback.on_train_batch_end
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.rank == 1 and self.epoch == 0 and batch == 2:
+            self.model.stop_training = True
+
+
+class StopAtEpochEnd(keras.callbacks.Callback):
+    """Rank 0 sets stop_training at the end of epoch 2 (no batch hook at all)."""
+
+    def __init__(self, rank):
+        super().__init__()
+        self.rank = rank
+
     def on_epoch_end(self, epoch, logs=None):
-        if not self.rank and epoch == self.epoch:
+        if self.rank == 0 and epoch == 1:
             self.model.stop_training = True
 
 
@@ -495,7 +513,8 @@ def stop_case(out, backend, where):
     model_zoo.compile_classifier(parallel)
     x, y = global_data()  # 5 global batches per epoch
     xr, yr = rank_batches(x, rank, size), rank_batches(y, rank, size)
-    stop = StopOn(rank, batch=2) if where == "batch" else StopOn(rank, epoch=1)
+    stop = {"batch": StopAfterBatch, "begin": StopBeforeBatch, "epoch": StopAtEpochEnd}[where]
+    stop = stop(rank)
     history = parallel.fit(
         xr,
         yr,
@@ -550,7 +569,7 @@ def agree(out, backend):
         results[f"names_{case}"] = names_case(out, backend, case)
     for kind in ("dataset", "generator", "generator_ran_out"):
         results[f"steps_{kind}"] = steps_case(out, backend, kind)
-    for where in ("batch", "epoch"):
+    for where in ("batch", "begin", "epoch"):
         results[f"stop_{where}"] = stop_case(out, backend, where)
     results["written"] = written_case(out, backend)
     results["shuffle"] = shuffle_case(backend)

@@ -383,10 +383,12 @@ def test_generators_that_all_ran_out_stop_every_process(agreed):
 def test_stop_training_on_one_process_stops_both_after_the_same_step(agreed):
     _, out, ranks = agreed
     # Rank 1 stops after step 3 of epoch 1: the wish travels with step 4, after which
+    # both stop. Rank 1 stops before step 3: the wish travels with step 3, after which
     # both stop. Rank 0 stops at the end of epoch 2: both stop there.
     assert ranks[0]["stop_batch"] == ranks[1]["stop_batch"] == {"epochs": 1, "iterations": 4}
+    assert ranks[0]["stop_begin"] == ranks[1]["stop_begin"] == {"epochs": 1, "iterations": 3}
     assert ranks[0]["stop_epoch"] == ranks[1]["stop_epoch"] == {"epochs": 2, "iterations": 10}
-    for where in ("batch", "epoch"):
+    for where in ("batch", "begin", "epoch"):
         _same_on_both_ranks(out, f"stop_{where}")
 
 

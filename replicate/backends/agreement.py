@@ -12,9 +12,9 @@ step 1`); when only the variables differ, the error names the first variable
 that differs on each process.
 
 Each training step carries its token inside the step's own collective (no
-extra message): the epoch, the step, whether the process wants to stop
-(`model.stop_training`) and how many samples it had. `replicate.processes`
-reads it after the step.
+extra message, and nothing written before the step: the step counts itself):
+the epoch, the step, whether the process wants to stop (`model.stop_training`)
+and how many samples it had. `replicate.lockstep` reads it after the step.
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ PHASES = (
 _WIDTH = 7
 STOP, FAILED = 1, 2  # flags
 _TEXT = 240  # bytes of a variable's description in a disagreement
-# A step's token (float32, inside the step's collective): present, epoch, step,
-# fingerprint, stop, serial, samples. Every value stays below 2**24, exact in float32.
+# A step's token (float32, inside the step's collective): present, epoch, serial
+# (the process's count of step collectives, kept in-graph), fingerprint, stop, the
+# serial at the epoch's start, samples. Every value stays below 2**24, exact in float32.
 STEP_WIDTH = 7
-_PRESENT, _EPOCH, _STEP, _PRINT, _STOP, _SERIAL, _SAMPLES = range(STEP_WIDTH)
+_PRESENT, _EPOCH, _SERIAL, _PRINT, _STOP, _BASE, _SAMPLES = range(STEP_WIDTH)
 _EXACT = 1 << 24
 
 
@@ -143,7 +144,9 @@ class Agreement:
         self.backend = backend
         self._sent: tf.Variable | None = None
         self._seen: tf.Variable | None = None
-        self._serial = 0
+        self._count: tf.Variable | None = None
+        self._serial = 0.0
+        self._epoch, self._mark = 0, 0
 
     # -- at a phase: an eager meeting -----------------------------------------
 
@@ -240,51 +243,84 @@ class Agreement:
     # -- inside a training step ------------------------------------------------
 
     def arm(self) -> None:
-        """Creates the variables a step's token travels through (eagerly, before tracing)."""
+        """Creates the variables a step's token lives in (eagerly, before any step is traced)."""
         if self._sent is None and self.backend.size > 1:
             with tf.init_scope(), tf.device("/cpu:0"):
                 shape = (self.backend.size, STEP_WIDTH)
                 self._sent = tf.Variable(tf.zeros(shape), trainable=False, name="replicate_sent")
                 self._seen = tf.Variable(tf.zeros(shape), trainable=False, name="replicate_seen")
+                self._count = tf.Variable(
+                    0, dtype=tf.int64, trainable=False, name="replicate_count"
+                )
 
     def step_payload(self, samples: Any) -> tf.Tensor | None:
-        """The token a traced step adds to its collective, or None (eager, or not armed)."""
+        """The token a traced step adds to its collective, or None (eager, or not armed).
+
+        Each call counts one step collective on this process (in-graph), so that
+        nothing needs writing before a step.
+        """
         if self._sent is None or tf.executing_eagerly():
             return None
         size, rank = self.backend.size, self.backend.rank
-        where = tf.one_hot(rank, size)[:, None] * tf.one_hot(_SAMPLES, STEP_WIDTH)[None, :]
-        token = self._sent.read_value() + where * tf.cast(samples, tf.float32)
+        serial = tf.cast(tf.math.floormod(self._count.assign_add(1), _EXACT - 1) + 1, tf.float32)
+        mine = tf.one_hot(rank, size)[:, None]
+        token = (
+            self._sent.read_value()
+            + mine * tf.one_hot(_SERIAL, STEP_WIDTH)[None, :] * serial
+            + mine * tf.one_hot(_SAMPLES, STEP_WIDTH)[None, :] * tf.cast(samples, tf.float32)
+        )
         return tf.reshape(token, [-1])
 
     def step_received(self, summed: tf.Tensor) -> None:
         """Keeps every process's token, summed out of the step's collective."""
         self._seen.assign(tf.reshape(summed, (self.backend.size, STEP_WIDTH)))
 
-    def before_step(self, epoch: int, step: int, mark: int, stop: bool) -> None:
-        """Sets this process's token for the next step (eager, before the step runs)."""
-        self._serial = self._serial % (_EXACT - 1) + 1
+    def start_epoch(self, epoch: int, mark: int, stop: bool = False) -> None:
+        """Sets this process's token for the epoch's steps (eager; once per epoch)."""
         table = np.zeros((self.backend.size, STEP_WIDTH), np.float32)
-        table[self.backend.rank] = [1, epoch % _EXACT, step % _EXACT, mark, stop, self._serial, 0]
+        base = int(self._count.numpy()) % (_EXACT - 1)
+        table[self.backend.rank, [_PRESENT, _EPOCH, _PRINT, _STOP, _BASE]] = [
+            1,
+            epoch % _EXACT,
+            mark,
+            float(stop),
+            base,
+        ]
         self._sent.assign(table)
+        self._epoch, self._mark = epoch, mark
 
-    def after_step(self, epoch: int, step: int, mark: int, stop: bool) -> np.ndarray:
-        """Every process's token for the step just run: `(processes, STEP_WIDTH)`.
+    def want_stop(self, stop: bool) -> None:
+        """Changes the stop wish the next steps carry (eager; only when it changes)."""
+        self._sent.assign(
+            tf.tensor_scatter_nd_update(self._sent, [[self.backend.rank, _STOP]], [float(stop)])
+        )
 
-        Read from the step's own collective; a step that carried none (run
-        eagerly, or a model's own `train_step` without an optimizer call) is
-        followed by an eager meeting instead. Raises `DisagreementError` when
-        the processes ran different steps.
+    def after_steps(self, step: int, stop: bool) -> np.ndarray:
+        """Every process's token for the steps just run: `(processes, STEP_WIDTH)`.
+
+        Read from the steps' own collective; steps that carried none (run
+        eagerly, or a model's own `train_step` without an optimizer call) are
+        followed by an eager meeting instead.
+
+        Args:
+            step: This process's step in the epoch (for the eager meeting).
+            stop: Whether this process asked to stop (for the eager meeting).
+
+        Raises:
+            DisagreementError: When the processes ran different steps.
         """
         seen = self._seen.numpy()
         rank = self.backend.rank
-        if seen[rank, _SERIAL] != self._serial or seen[rank, _PRESENT] != 1:
-            row = np.asarray(
-                [1, epoch % _EXACT, step % _EXACT, mark, stop, self._serial, -1], np.int64
-            )
-            seen = self.backend.gather_rows(row).astype(np.float32)
-        keys = seen[:, [_PRESENT, _EPOCH, _STEP, _PRINT]]
+        if seen[rank, _SERIAL] == self._serial or seen[rank, _PRESENT] != 1:
+            row = [1, self._epoch % _EXACT, step % _EXACT, self._mark, stop, 0, -1]
+            seen = self.backend.gather_rows(np.asarray(row, np.int64)).astype(np.float32)
+            steps = seen[:, _SERIAL]
+        else:
+            self._serial = seen[rank, _SERIAL]
+            steps = seen[:, _SERIAL] - seen[:, _BASE] - 1
+        keys = seen[:, [_PRESENT, _EPOCH, _SERIAL, _PRINT]]
         if (keys != keys[rank]).any():
-            positions = [Position("step", int(r[_EPOCH]), int(r[_STEP])) for r in seen]
+            positions = [Position("step", int(e), int(s)) for e, s in zip(seen[:, _EPOCH], steps)]
             message = self._positions_message(positions)
             if (seen[:, _PRINT] != seen[rank, _PRINT]).any():
                 message += " (Their models' variables differ too.)"
