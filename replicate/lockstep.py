@@ -115,6 +115,7 @@ class Lockstep(keras.callbacks.Callback):
         self.wish = False  # this process wants to stop, and the others do not know yet
         self.sent = False  # the wish the steps carry
         self.agreed = False  # every process stops after this step
+        self.returned: Any = None  # the token the last steps returned with their logs
 
     @property
     def progress(self) -> Progress:
@@ -160,7 +161,8 @@ class Lockstep(keras.callbacks.Callback):
             self.backend.watchdog.expect_writer()  # the chief writes before the next step
         if not ran:
             return
-        seen = self.agreement.after_steps(end, self.wish)
+        returned, self.returned = self.returned, None
+        seen = self.agreement.after_steps(end, self.wish, returned)
         if not any(self.agreement.samples(seen)):
             warnings.warn(
                 f"replicate: every process's input ran out of data at step {end + 1} of "

@@ -242,7 +242,11 @@ class ReplicatedModel(keras.Model):
                     lockstep.after(self.steps_per_execution, ran=False)
                 return {}
             with lockstep or contextlib.nullcontext(), watchdog.waiting():
-                return function(iterator)
+                logs = function(iterator)
+                token = logs.pop(results.TOKEN, None) if isinstance(logs, dict) else None
+                if lockstep is not None:
+                    lockstep.returned = token
+                return logs
 
         return marked
 
@@ -264,17 +268,13 @@ class ReplicatedModel(keras.Model):
     def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
         """As `keras.Model.fit`. Across processes, also (`replicate.processes`):
 
-        - the processes agree where they are (here, then at each epoch and
-          step) and on their variables' count, shapes and dtypes; processes
-          at different points stop with a `DisagreementError` naming each
-          one's position instead of hanging;
-        - rank 0's weights and optimizer state are broadcast, matched by
-          position (names may differ);
-        - every process runs the same steps, training and validation (a
-          process with fewer samples gets empty batches), and `stop_training`
-          on one process stops every process after the same step;
-        - only rank 0 shows the progress bar and runs the callbacks that
-          write files (`ModelCheckpoint`, `TensorBoard`, `CSVLogger`).
+        - the processes agree where they are (here, each epoch and step) and
+          on their variables' count, shapes and dtypes, or stop with a
+          `DisagreementError` naming each one's position instead of hanging;
+        - rank 0's weights and optimizer state are broadcast, by position;
+        - every process runs the same steps (a process with fewer samples gets
+          empty batches); `stop_training` on one stops all after the same step;
+        - only rank 0 shows progress and runs the callbacks that write files.
         """
         call = processes.bind(keras.Model.fit, self, args, kwargs)
         if self._backend.size == 1:

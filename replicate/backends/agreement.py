@@ -142,6 +142,8 @@ class Agreement:
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
+        self.rank, self.size = backend.rank, backend.size  # Horovod's cost a call each
+        self._received: tf.Tensor | None = None
         self._sent: tf.Variable | None = None
         self._seen: tf.Variable | None = None
         self._count: tf.Variable | None = None
@@ -178,7 +180,7 @@ class Agreement:
                 fingerprint differs; the message names each one's position,
                 or the first variable that differs on each.
         """
-        size = self.backend.size
+        size = self.size
         if size == 1:
             return Outcome(stop, [0] if failed else [], [value])
         mark = fingerprint(variables) if variables is not None else 0
@@ -244,9 +246,9 @@ class Agreement:
 
     def arm(self) -> None:
         """Creates the variables a step's token lives in (eagerly, before any step is traced)."""
-        if self._sent is None and self.backend.size > 1:
+        if self._sent is None and self.size > 1:
             with tf.init_scope(), tf.device("/cpu:0"):
-                shape = (self.backend.size, STEP_WIDTH)
+                shape = (self.size, STEP_WIDTH)
                 self._sent = tf.Variable(tf.zeros(shape), trainable=False, name="replicate_sent")
                 self._seen = tf.Variable(tf.zeros(shape), trainable=False, name="replicate_seen")
                 self._count = tf.Variable(
@@ -261,7 +263,7 @@ class Agreement:
         """
         if self._sent is None or tf.executing_eagerly():
             return None
-        size, rank = self.backend.size, self.backend.rank
+        size, rank = self.size, self.rank
         serial = tf.cast(tf.math.floormod(self._count.assign_add(1), _EXACT - 1) + 1, tf.float32)
         mine = tf.one_hot(rank, size)[:, None]
         token = (
@@ -272,14 +274,26 @@ class Agreement:
         return tf.reshape(token, [-1])
 
     def step_received(self, summed: tf.Tensor) -> None:
-        """Keeps every process's token, summed out of the step's collective."""
-        self._seen.assign(tf.reshape(summed, (self.backend.size, STEP_WIDTH)))
+        """Keeps every process's token, summed out of the step's collective.
+
+        It is kept in a variable, and also handed to `take_received`, so that a
+        step can return it with its logs (reading a tensor the step returned
+        costs far less, after every step, than reading a variable).
+        """
+        table = tf.reshape(summed, (self.size, STEP_WIDTH))
+        self._seen.assign(table)
+        self._received = table
+
+    def take_received(self) -> tf.Tensor | None:
+        """The token table the step being traced received (once), or None."""
+        received, self._received = self._received, None
+        return received
 
     def start_epoch(self, epoch: int, mark: int, stop: bool = False) -> None:
         """Sets this process's token for the epoch's steps (eager; once per epoch)."""
-        table = np.zeros((self.backend.size, STEP_WIDTH), np.float32)
+        table = np.zeros((self.size, STEP_WIDTH), np.float32)
         base = int(self._count.numpy()) % (_EXACT - 1)
-        table[self.backend.rank, [_PRESENT, _EPOCH, _PRINT, _STOP, _BASE]] = [
+        table[self.rank, [_PRESENT, _EPOCH, _PRINT, _STOP, _BASE]] = [
             1,
             epoch % _EXACT,
             mark,
@@ -292,10 +306,10 @@ class Agreement:
     def want_stop(self, stop: bool) -> None:
         """Changes the stop wish the next steps carry (eager; only when it changes)."""
         self._sent.assign(
-            tf.tensor_scatter_nd_update(self._sent, [[self.backend.rank, _STOP]], [float(stop)])
+            tf.tensor_scatter_nd_update(self._sent, [[self.rank, _STOP]], [float(stop)])
         )
 
-    def after_steps(self, step: int, stop: bool) -> np.ndarray:
+    def after_steps(self, step: int, stop: bool, returned: Any = None) -> np.ndarray:
         """Every process's token for the steps just run: `(processes, STEP_WIDTH)`.
 
         Read from the steps' own collective; steps that carried none (run
@@ -305,12 +319,14 @@ class Agreement:
         Args:
             step: This process's step in the epoch (for the eager meeting).
             stop: Whether this process asked to stop (for the eager meeting).
+            returned: The token table the steps returned with their logs, if
+                they did (else it is read from where the step kept it).
 
         Raises:
             DisagreementError: When the processes ran different steps.
         """
-        seen = self._seen.numpy()
-        rank = self.backend.rank
+        seen = np.asarray(returned) if returned is not None else self._seen.numpy()
+        rank = self.rank
         if seen[rank, _SERIAL] == self._serial or seen[rank, _PRESENT] != 1:
             row = [1, self._epoch % _EXACT, step % _EXACT, self._mark, stop, 0, -1]
             seen = self.backend.gather_rows(np.asarray(row, np.int64)).astype(np.float32)
