@@ -57,6 +57,7 @@ class Progress:
             yield
         finally:
             self.fitting = before
+            self.lockstep = None  # also when fit ended with an error, before on_train_end
 
 
 class ChiefWriters:

@@ -395,6 +395,12 @@ def test_stop_training_on_one_process_stops_both_after_the_same_step(agreed):
 def test_export_and_save_are_written_once_by_the_chief(agreed):
     _, out, ranks = agreed
     base = out / "serving"
+    failed = [rank["written"].pop("failed") for rank in ranks]
+    assert failed[0].startswith("FileExistsError: Version 1 already exists")
+    assert failed[1] == (
+        "RuntimeError: replicate: the chief (process 0 of 2) failed in `export`, so nothing "
+        "was written; its own output shows the error."
+    )
     written = ranks[0]["written"]
     assert written == ranks[1]["written"]  # the same paths, seen complete on both
     assert written["paths"] == [str(base / "1"), str(base / "2")]
@@ -436,15 +442,15 @@ def test_processes_that_disagree_stop_at_once_naming_both_positions(backend, tmp
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_chief_write_longer_than_the_hang_limit_finishes(backend, tmp_path):
-    """ModelCheckpoint every 3 batches and every epoch, then save: each write takes 22 s,
-    over 3 x the 7 s hang limit, so the chief and the process waiting for it both would
-    have been stopped had their watchdogs counted it. (The limit leaves this loaded 2-core
-    machine time for the rest of fit: a 3 s limit ended a job here once.)"""
+    """ModelCheckpoint every 3 batches, then save: each write takes 31 s, over 3 x the 10 s
+    hang limit, so the chief and the process waiting for it would both have been stopped
+    had their watchdogs counted it. (The limit leaves the rest of fit time on this loaded
+    2-core machine: with 3 s and 7 s limits, the end of a fit took longer here at times.)"""
     result, _ = launch(
-        backend, "slow", tmp_path, timeout=400, REPLICATE_HANG_TIMEOUT="7", SLOW_SAVE="22"
+        backend, "slow", tmp_path, timeout=400, REPLICATE_HANG_TIMEOUT="10", SLOW_SAVE="31"
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    for name in ("every3.keras", "epoch.weights.h5", "after.keras"):
+    for name in ("every3.keras", "after.keras"):
         assert (tmp_path / name).is_file(), name
     for rank in (0, 1):
-        assert json.loads((tmp_path / f"slow_rank{rank}.json").read_text())["seconds"] >= 66
+        assert json.loads((tmp_path / f"slow_rank{rank}.json").read_text())["seconds"] >= 62
