@@ -14,7 +14,10 @@ or with Horovod (across hosts use -H host1:1,host2:1):
 
 Each process takes its own towers (its share of the host's GPUs, or simulated
 devices), trains on its shard of the data, and the backend combines the
-gradients across processes. Only rank 0 prints and saves.
+gradients across processes. The data is sharded first and shuffled after:
+each process shuffles its own shard with its own seed, and the shards stay
+disjoint (shuffling before `replicate.shard` is refused). Only rank 0 prints,
+and `save` writes on rank 0 while the others wait for it.
 """
 
 import argparse
@@ -51,7 +54,9 @@ def main() -> None:
         model = make_convnet()
     parallel = replicate.replicate(model, devices, backend=backend)
     processes = parallel.backend.size
-    x_mine, y_mine = replicate.shard((x_train, y_train))
+    # Shard, then shuffle (each process in its own order, within its shard), then batch.
+    train = replicate.shard(tf.data.Dataset.from_tensor_slices((x_train, y_train)))
+    train = train.shuffle(len(x_train), seed=backend.rank).batch(args.batch_size)
 
     # The global batch grows with the processes: scale the rate, and warm it up.
     rate = 2e-3 * processes
@@ -61,15 +66,13 @@ def main() -> None:
         metrics=["accuracy"],
     )
     parallel.fit(
-        x_mine,
-        y_mine,
-        batch_size=args.batch_size,
+        train,
         epochs=args.epochs,
         verbose=2,
         callbacks=[LearningRateWarmup(rate, warmup_epochs=2)],
     )
     loss, accuracy = parallel.evaluate(*replicate.shard((x_test, y_test)), verbose=0)
-    parallel.save(args.output)  # rank 0 only
+    parallel.save(args.output)  # every process calls it; rank 0 writes, the others wait
     if replicate.is_chief():
         print(f"processes: {processes}, towers per process: {len(devices)}")
         print(f"test accuracy: {accuracy:.4f}")

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from replicate import _keras_compat
 from replicate.backends import Backend
 from replicate.cluster import is_chief, process_count, process_rank
 
@@ -20,17 +21,48 @@ def shard(data: Any, *, rank: int | None = None, size: int | None = None) -> Any
 
     Arrays are cut into `size` contiguous blocks along axis 0 (the first
     `len % size` blocks one sample longer); a dataset is `dataset.shard(size,
-    rank)`, so shard it before batching. `rank` and `size` default to the
-    launcher's (`horovodrun`) environment.
+    rank)`. Shard first, then shuffle, then batch: each process shuffles its
+    own shard, and the shards stay disjoint whatever each process's random
+    seed.
+
+    ```python
+    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+    dataset = replicate.shard(dataset).shuffle(1024).batch(64)
+    ```
+
+    A dataset shuffled before it is sharded is refused: each process would
+    shuffle the whole dataset in its own order and take every n-th element
+    of it, so the shards overlap (some samples are seen by two processes, as
+    many by none) without any error. `rank` and `size` default to the
+    launcher's environment (`horovodrun`, `replicate launch`, `TF_CONFIG`).
+
+    Args:
+        data: Numpy arrays (any nesting; `None` leaves stay `None`) or an
+            unbatched or batched `tf.data.Dataset`.
+        rank: This process's index. Defaults to the launcher's.
+        size: The number of processes. Defaults to the launcher's.
+
+    Returns:
+        This process's share, of the same kind as `data`.
 
     Raises:
-        ValueError: If `rank` is outside `[0, size)` or arrays differ in length.
+        ValueError: If `rank` is outside `[0, size)`, arrays differ in
+            length, or a dataset is shuffled before the shard.
     """
     rank = process_rank() if rank is None else rank
     size = process_count() if size is None else size
     if not 0 <= rank < size:
         raise ValueError(f"`rank` must be in [0, size). Received: rank={rank}, size={size}.")
     if isinstance(data, tf.data.Dataset):
+        shuffled = _keras_compat.shuffled_upstream(data)
+        if shuffled is not None:
+            raise ValueError(
+                "`replicate.shard` must come before any shuffle: shard before shuffling. "
+                f"Received: a dataset with a shuffle ({shuffled}) before the shard; each "
+                "process shuffles in its own order, so the shards would overlap. Write "
+                "`replicate.shard(dataset).shuffle(...)` (for files: "
+                "`Dataset.list_files(..., shuffle=False)`, then shard, then shuffle)."
+            )
         return data.shard(size, rank)
     leaves = [a for a in tf.nest.flatten(data) if a is not None]
     lengths = {len(a) for a in leaves}
@@ -98,14 +130,22 @@ class ProcessBatches(keras.utils.PyDataset):
             self._rng.shuffle(self._order)
 
 
+# An endless dataset's step count, in the agreement on the most steps.
+_ENDLESS = 1 << 62
+
+
 def agree_on_steps(dataset: tf.data.Dataset, backend: Backend) -> tf.data.Dataset:
-    """Pads a batched dataset with empty batches up to the most steps of any process."""
+    """Pads a batched dataset with empty batches up to the most steps of any process.
+
+    An endless dataset (`repeat()`) is left as it is; a finite one on a
+    process where another is endless is padded without end.
+    """
     steps = int(dataset.cardinality())
-    if steps < 0:  # unknown or infinite: count once
-        if steps == tf.data.INFINITE_CARDINALITY:
-            return dataset
+    if steps == tf.data.INFINITE_CARDINALITY:
+        steps = _ENDLESS
+    elif steps < 0:  # unknown: count once
         steps = int(dataset.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
-    most = int(backend.reduce_max(tf.constant(steps)))
+    most = int(backend.reduce_max(tf.constant(steps, tf.int64)))
     if most == steps:
         return dataset
 
@@ -114,7 +154,5 @@ def agree_on_steps(dataset: tf.data.Dataset, backend: Backend) -> tf.data.Datase
         shape[0] = 0
         return tf.zeros(shape, spec.dtype)
 
-    padding = tf.data.Dataset.from_tensors(
-        tf.nest.map_structure(empty, dataset.element_spec)
-    ).repeat(most - steps)
-    return dataset.concatenate(padding)
+    padding = tf.data.Dataset.from_tensors(tf.nest.map_structure(empty, dataset.element_spec))
+    return dataset.concatenate(padding.repeat(None if most == _ENDLESS else most - steps))

@@ -1,4 +1,5 @@
-"""Export for TensorFlow Serving: a versioned SavedModel, written whole or not at all."""
+"""Export for TensorFlow Serving: a versioned SavedModel, written whole or not at all,
+by the chief process alone."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 
 import keras
 import tensorflow as tf
+
+from replicate import writers
 
 _VERSION = re.compile(r"^[0-9]+$")
 
@@ -81,7 +84,7 @@ def export_saved_model(
     version: int | None = None,
     overwrite: bool = False,
     classify: bool | None = None,
-) -> str:
+) -> str | None:
     """Writes `model` as a SavedModel that TensorFlow Serving loads.
 
     The model is exported in inference mode (Dropout off, BatchNormalization
@@ -90,6 +93,13 @@ def export_saved_model(
     the target and renamed into place, so a failure leaves no half-written
     version (and, with `overwrite=True`, the old version stays until the new
     one is complete).
+
+    Across processes, pass the `ReplicatedModel` and call this on every
+    process: only the chief chooses the version and writes it, the others
+    wait until it is complete, and every process returns the same path
+    (`replicate.writers.on_chief`). Inside `fit` (from a callback) the chief
+    writes alone and the other processes return `None`. A plain Keras model
+    is written by whichever process calls this.
 
     Signatures:
         `serving_default`: named inputs (the model's input names) to named
@@ -114,16 +124,34 @@ def export_saved_model(
         ValueError: For a version that is not a positive integer, or a model
             without known inputs.
         FileExistsError: If the version exists and `overwrite` is `False`.
+        RuntimeError: On the other processes, if the chief's export failed.
     """
     template = _template(model)
-    if version is None:
-        version = next_version(export_base)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or version < 1
+    ):
         raise ValueError(
             "`version` must be a positive integer (TensorFlow Serving reads numbered "
             f"folders). Received: version={version!r}"
         )
-    base = Path(export_base)
+
+    def write() -> int:
+        return _export(template, Path(export_base), version, overwrite, classify)
+
+    from replicate.model import ReplicatedModel
+
+    if isinstance(model, ReplicatedModel):
+        written = writers.on_chief(model, "export", write)
+        return None if written is None else str(Path(export_base) / str(written))
+    return str(Path(export_base) / str(write()))
+
+
+def _export(
+    template: keras.Model, base: Path, version: int | None, overwrite: bool, classify: Any
+) -> int:
+    """Writes version `version` (default: the next free one) under `base`; returns it."""
+    if version is None:
+        version = next_version(base)
     target = base / str(version)
     if target.exists() and not overwrite:
         raise FileExistsError(
@@ -144,7 +172,7 @@ def export_saved_model(
             os.replace(staging / "model", target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return str(target)
+    return version
 
 
 def _output_names(model: keras.Model) -> list[str]:

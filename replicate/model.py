@@ -23,6 +23,7 @@ from replicate import (
 from replicate.backends import Backend, get_backend
 from replicate.builder import ReplicaBuilder
 from replicate.devices import process_devices
+from replicate.lockstep import Progress
 
 
 class ReplicatedModel(keras.Model):
@@ -69,6 +70,7 @@ class ReplicatedModel(keras.Model):
         self._backend = distribution
         self.skip_batches = 0
         self.check = check  # the automatic check at the first fit (replicate.check)
+        self.progress = Progress()
         self.built = True
         if getattr(self.template, "compiled", False):
             self._adopt_compile()
@@ -252,14 +254,16 @@ class ReplicatedModel(keras.Model):
     # -- several processes: one progress bar, one writer, agreed step counts ---
 
     def fit(self, *args: Any, **kwargs: Any) -> keras.callbacks.History:
-        """As `keras.Model.fit`. Across processes, also:
+        """As `keras.Model.fit`. Across processes, also (`replicate.processes`):
 
-        - rank 0's weights and optimizer state are broadcast first, so every
-          process starts from the same point whatever its random seed;
-        - every process runs the same number of steps, training and
-          validation (a process with fewer samples gets empty batches);
-        - only rank 0 shows the progress bar and runs the callbacks that
-          write files (`ModelCheckpoint`, `TensorBoard`, `CSVLogger`).
+        - the processes agree where they are (here, each epoch and step) and
+          on their variables' count, shapes and dtypes, or stop with a
+          `DisagreementError` naming each one's position instead of hanging;
+        - rank 0's weights and optimizer state are broadcast, by position, so
+          every process starts from the same point whatever its random seed;
+        - every process runs the same steps (a process with fewer samples gets
+          empty batches); `stop_training` on one stops all after the same step;
+        - only rank 0 shows progress and runs the callbacks that write files.
 
         Horovod's Keras callbacks and optimizer wrapper, and a `tf.distribute`
         strategy scope, are refused with what replicate does in their place
@@ -272,21 +276,21 @@ class ReplicatedModel(keras.Model):
         self.check = False  # once
         if self._backend.size == 1:
             return super().fit(**call)
-        with processes.failures(self._backend):
-            self._broadcast_state()
-            processes.prepare_fit(call, self._backend)
+        with processes.failures(self._backend), self.progress.in_fit():
+            processes.begin_fit(self, call)
             return super().fit(**call)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
-        """As `keras.Model.evaluate`; across processes the results cover every process."""
+        """As `keras.Model.evaluate`; across processes the results cover every process.
+
+        Every process calls it; on one process alone use `parallel.template.evaluate`.
+        """
         call = processes.bind(keras.Model.evaluate, self, args, kwargs)
         building.ensure_weights(self.template, self._builder, call)
         if self._backend.size == 1:
             return super().evaluate(**call)
         with processes.failures(self._backend, during="evaluate"):
-            # Inside fit, Keras evaluates the validation data it already prepared.
-            if not call.get("_use_cached_eval_dataset"):
-                processes.prepare_evaluate(call, self._backend)
+            processes.begin_evaluate(self, call)
             return super().evaluate(**call)
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
@@ -297,12 +301,6 @@ class ReplicatedModel(keras.Model):
             call["verbose"] = 0
         return super().predict(**call)
 
-    def _broadcast_state(self) -> None:
-        variables = list(self.template.variables)
-        for optimizer in steps.optimizers(self.template):
-            variables += list(optimizer.variables)
-        self._backend.broadcast_variables(variables, root_rank=0)
-
     # -- saving goes through the template -------------------------------------
 
     def save(self, filepath: Any, *args: Any, **kwargs: Any) -> None:
@@ -310,14 +308,20 @@ class ReplicatedModel(keras.Model):
 
         The file is written beside its final name and renamed into place, so a
         crash while writing leaves the previous file (a `ModelCheckpoint`) intact.
+        Across processes, outside `fit`, every process calls it and the others
+        wait for the chief's write (`replicate.writers.on_chief`, which says
+        what it raises); inside `fit` (`ModelCheckpoint`) the chief writes alone.
         """
-        if self._backend.is_chief:
-            writers.atomically(self.template.save, filepath, *args, **kwargs)
+        writers.on_chief(
+            self, "save", lambda: writers.atomically(self.template.save, filepath, *args, **kwargs)
+        )
 
     def save_weights(self, filepath: Any, *args: Any, **kwargs: Any) -> None:
-        """Saves the template's weights on the chief process only, atomically as `save`."""
-        if self._backend.is_chief:
-            writers.atomically(self.template.save_weights, filepath, *args, **kwargs)
+        """Saves the template's weights on the chief process only, atomically, as `save`."""
+        write = self.template.save_weights
+        writers.on_chief(
+            self, "save_weights", lambda: writers.atomically(write, filepath, *args, **kwargs)
+        )
 
     def load_weights(self, filepath: Any, *args: Any, **kwargs: Any) -> None:
         """Loads weights saved from the template (or from an unreplicated model)."""

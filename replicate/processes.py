@@ -3,11 +3,15 @@
 Every process must run the same number of steps, or a collective waits for
 ever. `prepare_fit` and `prepare_evaluate` rewrite the call so that they do,
 whatever the inputs (arrays, `tf.data`, `PyDataset`), training and
-validation; a Python generator, whose length nobody can know in advance,
-needs `steps_per_epoch`/`validation_steps`/`steps` or is refused.
+validation, with or without `steps_per_epoch`: a process whose data runs out
+first gets empty batches. A Python generator, whose length nobody can know in
+advance, needs `steps_per_epoch`/`validation_steps`/`steps` or is refused;
+with them, one that runs out yields empty batches too. `prepare_fit` also puts
+`replicate.lockstep.Lockstep` last among the callbacks.
 
-`failures` runs the hang watchdog (`replicate.watchdog`) over a `fit` or
-`evaluate` and turns a lost peer's low-level error into replicate's message.
+`failures` runs the hang watchdog (`replicate.watchdog`) over a `fit`,
+`evaluate` or write and turns a lost peer's low-level error into replicate's
+message.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from replicate import results
+from replicate.backends.agreement import Position
 from replicate.data import ProcessBatches, agree_on_steps
+from replicate.lockstep import CatchingLockstep, ChiefWriters, Lockstep, has_batch_end_hook
 
 # Callbacks that write files: only the chief runs them.
 CHIEF_ONLY = (
@@ -29,6 +36,16 @@ CHIEF_ONLY = (
     keras.callbacks.TensorBoard,
     keras.callbacks.CSVLogger,
 )
+
+
+def state_variables(template: keras.Model) -> list[Any]:
+    """What training changes: the template's variables, then every optimizer's."""
+    from replicate.steps import optimizers
+
+    variables = list(template.variables)
+    for optimizer in optimizers(template):
+        variables += list(optimizer.variables)
+    return variables
 
 
 def bind(method: Callable[..., Any], model: keras.Model, args: tuple, kwargs: dict) -> dict:
@@ -93,27 +110,53 @@ def _as_arrays(x: Any) -> Any | None:
     return tf.nest.map_structure(np.asarray, x)
 
 
+def _padded(generator: Any) -> Any:
+    """`generator`'s batches, then empty batches (0 samples, which add nothing) for ever."""
+    first = None
+    for item in generator:
+        if first is None:
+            first = item
+        yield item
+    if first is None:
+        return
+    empty = tf.nest.map_structure(lambda a: np.asarray(a)[:0], first)
+    while True:
+        yield empty
+
+
 def _agree(data: Any, backend: Any, *, what: str, steps: Any) -> Any:
-    """One non-array input made to run the same number of steps on every process."""
-    if steps is not None:
-        return data  # the user fixed the count for every process
+    """One non-array input made to run the same number of steps on every process.
+
+    With `steps` given, Keras runs that many steps per epoch and continues the
+    same iterator in the next epoch, ending an epoch early where the data
+    runs out. Padding every process's data to the longest one's makes those
+    epochs end at the same step everywhere.
+    """
     if isinstance(data, tf.data.Dataset):
         return agree_on_steps(data, backend)
     if isinstance(data, keras.utils.PyDataset):
         return AgreedBatches(data, backend)
     if hasattr(data, "__next__") or hasattr(data, "gi_frame"):
+        if steps is not None:
+            return _padded(data)
         raise ValueError(_NEEDS_STEPS.format(what=f"a Python generator (`{what}`)"))
+    if steps is not None:
+        return data
     raise ValueError(
         f"Across processes, `{what}` must be arrays, a tf.data.Dataset or a "
         f"keras.utils.PyDataset. Received: {what} of type {type(data).__name__}."
     )
 
 
-def _chief_only_output(call: dict[str, Any], backend: Any) -> None:
+def _chief_only_output(call: dict[str, Any], backend: Any) -> ChiefWriters:
+    """Leaves progress bars and file-writing callbacks to the chief; returns, on the
+    others, when the chief's checkpoints write (so that they wait for it calmly)."""
     if backend.is_chief:
-        return
+        return ChiefWriters()
+    callbacks = list(call.get("callbacks") or [])
     call["verbose"] = 0
-    call["callbacks"] = [c for c in call.get("callbacks") or [] if not isinstance(c, CHIEF_ONLY)]
+    call["callbacks"] = [c for c in callbacks if not isinstance(c, CHIEF_ONLY)]
+    return ChiefWriters([c for c in callbacks if isinstance(c, keras.callbacks.ModelCheckpoint)])
 
 
 def _arrays_call(call: dict[str, Any], backend: Any, batch_size: int, **options) -> None:
@@ -141,12 +184,25 @@ def _validation(data: Any, backend: Any, *, batch_size: int, steps: Any) -> Any:
     return _agree(data, backend, what="validation_data", steps=steps)
 
 
-def prepare_fit(call: dict[str, Any], backend: Any) -> None:
-    """Rewrites `fit`'s arguments so that every process runs the same steps."""
+def prepare_fit(call: dict[str, Any], backend: Any, variables: Any) -> None:
+    """Rewrites `fit`'s arguments so that every process runs the same steps.
+
+    Args:
+        call: `fit`'s arguments by name (`bind`), changed in place.
+        backend: The model's process backend.
+        variables: What training changes (weights and optimizer state), for
+            the step tokens' fingerprint.
+    """
     from replicate.resume import process_aware_callbacks
 
-    _chief_only_output(call, backend)
-    call["callbacks"] = process_aware_callbacks(call.get("callbacks"), backend)
+    writers = _chief_only_output(call, backend)
+    callbacks = process_aware_callbacks(call.get("callbacks"), backend)
+    if backend.lockstep:
+        # A batch-end hook of Lockstep's own would make Keras wait for the callbacks
+        # after every step; it needs one only where another callback has one.
+        kind = CatchingLockstep if any(map(has_batch_end_hook, callbacks)) else Lockstep
+        callbacks.append(kind(backend, variables, writers))
+    call["callbacks"] = callbacks
     batch_size = call.get("batch_size") or 32
     split = call.pop("validation_split", 0.0)
     arrays = _as_arrays(call.get("x"))
@@ -206,9 +262,24 @@ def prepare_evaluate(call: dict[str, Any], backend: Any) -> None:
         call["x"] = _agree(call["x"], backend, what="x", steps=call.get("steps"))
 
 
+_ALONE = {
+    "evaluate": "evaluate on this process's devices alone with `parallel.template.evaluate(...)`",
+    "save": "call it on every process (the chief writes, the others wait for it), or save "
+    "`parallel.template` on this process",
+    "export": "call it on every process (the chief writes, the others wait for it), or export "
+    "`parallel.template` on this process",
+}
+
+
 @contextlib.contextmanager
 def failures(backend: Any, *, during: str = "fit"):
-    """Watches for hangs, and turns a lost peer's low-level error into replicate's message."""
+    """Watches for hangs, and turns a lost peer's low-level error into replicate's message.
+
+    Args:
+        backend: The model's process backend.
+        during: `"fit"`, `"evaluate"`, `"save"` or `"export"`, for the hint
+            the message gives.
+    """
     try:
         with backend.watchdog.watching():
             yield
@@ -216,12 +287,34 @@ def failures(backend: Any, *, during: str = "fit"):
         message = backend.describe_failure(error)
         if message is None:
             raise
-        if during == "evaluate":
+        if during in _ALONE:
             message += (
-                " If only some processes call `evaluate` (e.g. `if rank == 0:`), evaluate "
-                "on this process's devices alone with `parallel.template.evaluate(...)`."
+                f" If only some processes call `{during}` (e.g. `if rank == 0:`), {_ALONE[during]}."
             )
         raise RuntimeError(message) from error
+
+
+def begin_fit(parallel: Any, call: dict[str, Any]) -> None:
+    """Before a `fit` across processes: the processes agree on where they start
+    and on their variables (`replicate.backends.agreement`), rank 0's state is
+    broadcast, and every process is given the same steps and writers."""
+    backend = parallel.backend
+    variables = state_variables(parallel.template)
+    start = Position("fit", int(call.get("initial_epoch") or 0))
+    backend.agreement.meet(start, variables=variables)
+    backend.broadcast_variables(variables, root_rank=0)
+    prepare_fit(call, backend, variables)
+
+
+def begin_evaluate(parallel: Any, call: dict[str, Any]) -> None:
+    """Before an `evaluate` across processes: agree on where each process is
+    (inside `fit`, Keras evaluates the validation data it already prepared)."""
+    inside = bool(call.get("_use_cached_eval_dataset"))
+    progress = parallel.progress
+    where = ("validation", progress.epoch) if inside else ("evaluate", progress.trained)
+    parallel.backend.agreement.meet(Position(*where), variables=parallel.template.variables)
+    if not inside:
+        prepare_evaluate(call, parallel.backend)
 
 
 def step_function(
@@ -232,23 +325,32 @@ def step_function(
     It is marked for the watchdog (across processes a step is made of
     collectives); an error raised inside a tower says which tower and what it
     held (`replicate.tower_errors`); for training (`skip`), it first passes
-    over the batches a restored backup had already trained on.
+    over the batches a restored backup had already trained on, and across
+    processes it keeps the step in lockstep (`replicate.lockstep`).
     """
     watchdog = parallel.backend.watchdog
 
     def marked(iterator):
+        lockstep = parallel.progress.lockstep if skip else None  # across processes, in fit
         if skip and parallel.skip_batches > 0:
             for _ in range(min(parallel.skip_batches, parallel.steps_per_execution)):
                 next(iterator)
                 parallel.skip_batches -= 1
+            if lockstep is not None:
+                lockstep.after(parallel.steps_per_execution, ran=False)
             return {}
         try:
-            with watchdog.waiting():
-                return function(iterator)
+            with lockstep or contextlib.nullcontext(), watchdog.waiting():
+                logs = function(iterator)
         except tf.errors.OpError as error:
             described = parallel.builder.errors.describe(error)
             if described is None:
                 raise
             raise described from error
+        if skip and isinstance(logs, dict):  # the step's agreement token (`replicate.results`)
+            token = logs.pop(results.TOKEN, None)
+            if lockstep is not None:
+                lockstep.returned = token
+        return logs
 
     return marked

@@ -15,6 +15,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+# The key under which a step returns its agreement token with its logs; the
+# replicated model's train and test functions take it out before Keras sees it.
+TOKEN = "replicate_agreement_token"
+
 
 def results_from_state(metrics: Sequence[keras.metrics.Metric], state: Sequence[Any]) -> list:
     """Each metric's result from `state`: its variables' values, metric after metric."""
@@ -98,6 +102,9 @@ def exchange(
     if not keyed:
         return grads, logs
     out = dict(keyed)
+    received = backend.agreement.take_received()
+    if received is not None:  # the step's agreement token, for `replicate.lockstep`
+        out[TOKEN] = received
     for metric, result in zip(metrics, results_from_state(metrics, state)):
         items = result.items() if isinstance(result, dict) else [(metric.name, result)]
         out.update((k, v) for k, v in items if k in keyed)

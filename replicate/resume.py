@@ -15,6 +15,10 @@ keeps Keras' own, unchanged):
 - with `save_freq` a number of batches, training resumes after the last batch
   saved, not at the start of its epoch;
 - the folder is removed at the end only after every process has finished.
+
+While the chief writes a backup, its watchdog does not count the time, and
+the other processes, which know when it writes, wait for it without a limit
+(`replicate.watchdog`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from replicate import _keras_compat
+from replicate.backends.agreement import Position
 
 LATEST = "latest.json"
 
@@ -102,7 +107,12 @@ class ProcessBackup(keras.callbacks.Callback):
 
     def _save(self, epoch: int, batches: int) -> None:
         if not self.backend.is_chief:
+            self.backend.watchdog.expect_writer()  # the chief writes now; wait for it calmly
             return
+        with self.backend.watchdog.writing():
+            self._write(epoch, batches)
+
+    def _write(self, epoch: int, batches: int) -> None:
         steps = self.params.get("steps")
         if steps and batches >= steps:
             epoch, batches = epoch + 1, 0
@@ -192,6 +202,7 @@ class ProcessBackup(keras.callbacks.Callback):
 
     def on_train_end(self, logs: Any = None) -> None:
         _keras_compat.set_initial_epoch(self.model, None)
-        self.backend.barrier()  # every process has finished
+        # Every process has finished (and is at the same point).
+        self.backend.agreement.meet(Position("fit_end", self.model.progress.trained))
         if self.delete_checkpoint and self.backend.is_chief and self.backup_dir.exists():
             shutil.rmtree(self.backup_dir)

@@ -14,6 +14,14 @@ with one process of 4 towers fed the same global batches.
                then the same command resumes (CRASH unset)
   consistency  rank 1's weights are changed at batch 5; ConsistencyCheck(4) finds it
   chief        evaluate on the chief only
+  agree        what processes must agree on: variables named differently on the chief
+               (a loaded model, an extra model), steps_per_epoch with a short shard
+               (tf.data and a generator), stop_training on one process, export and save
+               on the chief only, shard before shuffle
+  disagree     processes at different points (or with different models): each case's
+               error and how long it took
+  slow         the chief's writes (ModelCheckpoint every 3 batches, then save) take
+               SLOW_SAVE seconds each, longer than 3 x REPLICATE_HANG_TIMEOUT
 """
 
 import json
@@ -21,6 +29,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -401,6 +410,259 @@ def chief_only(out, backend):
     parallel.evaluate(x, y, verbose=0)
 
 
+# -- agreement: names, steps, stopping, writers, shards ---------------------------------
+
+STEPS_BATCH = 7  # per process
+
+
+def short_shards(rank):
+    """Rank 0 holds 10 batches of 7 samples, rank 1 holds 6 (and 3 vs 1 for validation)."""
+    x, y = global_data(112 + 28, seed=5)
+    train = slice(0, 70) if rank == 0 else slice(70, 112)
+    val = slice(112, 133) if rank == 0 else slice(133, 140)
+    return (x[train], y[train]), (x[val], y[val])
+
+
+def names_case(out, backend, case):
+    """Rank 0's variables are named differently from rank 1's; the broadcast matches them
+    by position. Returns the history."""
+    rank, size = backend.rank, backend.size
+    if case == "loaded" and rank == 0:
+        model = keras.models.load_model(out / "start.keras")  # hidden/... vs mlp/hidden/...
+    else:
+        if case == "extra" and rank == 0:
+            keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])  # shifts dense_N names
+        model = model_zoo.mlp(seed=100 + rank)
+        model_zoo.compile_classifier(model, keras.optimizers.SGD(0.1, momentum=0.5))
+    names = [v.value.name for v in model.variables]
+    parallel = replicate.replicate(model, backend=backend)
+    x, y = global_data()
+    xr, yr = rank_batches(x, rank, size), rank_batches(y, rank, size)
+    history = parallel.fit(
+        xr, yr, batch_size=GLOBAL_BATCH // size, epochs=2, shuffle=False, verbose=0
+    )
+    np.savez(out / f"names_{case}_rank{rank}.npz", *model.get_weights())
+    return {"names": names, "loss": history.history["loss"]}
+
+
+def steps_case(out, backend, kind, epochs=2):
+    """steps_per_epoch=5 over 2 epochs with 10 batches on rank 0 and 6 on rank 1 (over 3
+    epochs a generator runs out everywhere)."""
+    rank = backend.rank
+    (x, y), (xv, yv) = short_shards(rank)
+    model = model_zoo.mlp(seed=21)
+    parallel = replicate.replicate(model, backend=backend)
+    model_zoo.compile_classifier(parallel, keras.optimizers.SGD(0.1, momentum=0.5))
+    val = tf.data.Dataset.from_tensor_slices((xv, yv)).batch(STEPS_BATCH)
+    if kind == "dataset":
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(STEPS_BATCH)
+    elif kind == "generator_ran_out":
+        data, epochs = ((x[i : i + 7], y[i : i + 7]) for i in range(0, len(x), 7)), 3
+    else:
+        data = (
+            (x[i : i + STEPS_BATCH], y[i : i + STEPS_BATCH]) for i in range(0, len(x), STEPS_BATCH)
+        )
+    history = parallel.fit(
+        data, epochs=epochs, steps_per_epoch=5, validation_data=val, validation_steps=3, verbose=0
+    )
+    np.savez(out / f"steps_{kind}_rank{rank}.npz", *model.get_weights())
+    return {"history": history.history, "iterations": int(parallel.optimizer.iterations)}
+
+
+class StopAfterBatch(keras.callbacks.Callback):
+    """Rank 1 sets stop_training after step 3 of epoch 1 (a batch-end hook)."""
+
+    def __init__(self, rank):
+        super().__init__()
+        self.rank, self.epoch = rank, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.rank == 1 and self.epoch == 0 and batch == 2:
+            self.model.stop_training = True
+
+
+class StopBeforeBatch(StopAfterBatch):
+    """Rank 1 sets stop_training before step 3 of epoch 1 (only a batch-begin hook)."""
+
+    on_train_batch_end = keras.callbacks.Callback.on_train_batch_end
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.rank == 1 and self.epoch == 0 and batch == 2:
+            self.model.stop_training = True
+
+
+class StopAtEpochEnd(keras.callbacks.Callback):
+    """Rank 0 sets stop_training at the end of epoch 2 (no batch hook at all)."""
+
+    def __init__(self, rank):
+        super().__init__()
+        self.rank = rank
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.rank == 0 and epoch == 1:
+            self.model.stop_training = True
+
+
+def stop_case(out, backend, where):
+    rank, size = backend.rank, backend.size
+    model = model_zoo.mlp(seed=31)
+    parallel = replicate.replicate(model, backend=backend)
+    model_zoo.compile_classifier(parallel)
+    x, y = global_data()  # 5 global batches per epoch
+    xr, yr = rank_batches(x, rank, size), rank_batches(y, rank, size)
+    stop = {"batch": StopAfterBatch, "begin": StopBeforeBatch, "epoch": StopAtEpochEnd}[where]
+    stop = stop(rank)
+    history = parallel.fit(
+        xr,
+        yr,
+        batch_size=GLOBAL_BATCH // size,
+        epochs=4,
+        shuffle=False,
+        verbose=0,
+        callbacks=[stop],
+    )
+    np.savez(out / f"stop_{where}_rank{rank}.npz", *model.get_weights())
+    steps = int(parallel.optimizer.iterations)
+    return {"epochs": len(history.history["loss"]), "iterations": steps}
+
+
+def written_case(out, backend):
+    """export_saved_model and save on every process: the chief writes, the others wait."""
+    from replicate.export import export_saved_model
+
+    inputs = keras.Input((6,), name="features")
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="probs")(inputs))
+    parallel = replicate.replicate(model, backend=backend)
+    model_zoo.compile_classifier(parallel)
+    x, y = global_data(28)
+    parallel.fit(x, y, batch_size=7, epochs=1, verbose=0)
+    base = out / "serving"
+    found = {"paths": [], "listed": [], "pb_ctime": []}
+    for _ in range(2):
+        path = export_saved_model(parallel, base)
+        found["paths"].append(path)
+        found["listed"].append(sorted(os.listdir(base)))  # complete when the call returns
+        found["pb_ctime"].append(os.stat(Path(path) / "saved_model.pb").st_ctime_ns)
+    parallel.save(out / "model.keras")
+    found["saved_seen"] = (out / "model.keras").exists()
+    try:  # version 1 exists: the chief's export fails, and every process says so
+        export_saved_model(parallel, base, version=1)
+    except Exception as error:
+        found["failed"] = f"{type(error).__name__}: {error}"
+    return found
+
+
+def shuffle_case(backend):
+    """Rank-seeded shuffles: before the shard (refused), after it (disjoint shards)."""
+    numbers = tf.data.Dataset.range(64)
+    try:
+        replicate.shard(numbers.shuffle(64))
+        refused = None
+    except ValueError as error:
+        refused = str(error)
+    mine = replicate.shard(numbers).shuffle(64)
+    return {"refused": refused, "elements": [int(v) for v in mine.as_numpy_iterator()]}
+
+
+def agree(out, backend):
+    results = {}
+    for case in ("loaded", "extra"):
+        results[f"names_{case}"] = names_case(out, backend, case)
+    for kind in ("dataset", "generator", "generator_ran_out"):
+        results[f"steps_{kind}"] = steps_case(out, backend, kind)
+    for where in ("batch", "begin", "epoch"):
+        results[f"stop_{where}"] = stop_case(out, backend, where)
+    results["written"] = written_case(out, backend)
+    results["shuffle"] = shuffle_case(backend)
+    (out / f"agree_rank{backend.rank}.json").write_text(json.dumps(results))
+
+
+def disagree(out, backend):
+    """Each case puts the processes at different points; every process records its error."""
+    rank = backend.rank
+    x, y = global_data(28)
+
+    def parallel_mlp(hidden=16):
+        keras.utils.set_random_seed(41)
+        layers = [keras.Input((6,)), keras.layers.Dense(hidden, name="hidden")]
+        model = keras.Sequential([*layers, keras.layers.Dense(3, name="out")], name="mlp")
+        parallel = replicate.replicate(model, backend=backend)
+        model_zoo.compile_classifier(parallel)
+        return parallel
+
+    def epochs(p):  # rank 0 trains 3 epochs, rank 1 2, then evaluates
+        p.fit(x, y, batch_size=7, epochs=3 if rank == 0 else 2, verbose=0)
+        p.evaluate(x, y, verbose=0)
+
+    def evaluate_or_save(p):
+        p.fit(x, y, batch_size=7, epochs=1, verbose=0)
+        if rank == 0:
+            p.evaluate(x, y, verbose=0)
+        else:
+            p.save(out / "never.keras")
+
+    def chief_evaluates(p):  # the `if rank == 0:` habit, then fit on every process
+        if rank == 0:
+            p.evaluate(x, y, verbose=0)
+        p.fit(x, y, batch_size=7, epochs=1, verbose=0)
+
+    def models(_):
+        p = parallel_mlp(hidden=16 if rank == 0 else 8)
+        p.fit(x, y, batch_size=7, epochs=1, verbose=0)
+
+    results = {}
+    for name, case in [
+        ("epochs", epochs),
+        ("evaluate_or_save", evaluate_or_save),
+        ("chief_evaluates", chief_evaluates),
+        ("models", models),
+    ]:
+        parallel = parallel_mlp()
+        start = time.monotonic()
+        try:
+            case(parallel)
+            error = None
+        except Exception as raised:
+            error = f"{type(raised).__name__}: {raised}"
+            traceback.print_exc()
+        results[name] = {"error": error, "seconds": time.monotonic() - start}
+    (out / f"disagree_rank{rank}.json").write_text(json.dumps(results))
+
+
+class SlowToSave(keras.layers.Layer):
+    """Passes its input through; writing its (empty) state takes `seconds`: a large model
+    on slow storage."""
+
+    seconds = 0.0
+
+    def call(self, x):
+        return x
+
+    def save_own_variables(self, store):
+        time.sleep(SlowToSave.seconds)
+        super().save_own_variables(store)
+
+
+def slow(out, backend):
+    rank, size = backend.rank, backend.size
+    SlowToSave.seconds = float(os.environ["SLOW_SAVE"])
+    keras.utils.set_random_seed(51)
+    layers = [keras.Input((6,)), keras.layers.Dense(8), SlowToSave(), keras.layers.Dense(3)]
+    parallel = replicate.replicate(keras.Sequential(layers), backend=backend)
+    model_zoo.compile_classifier(parallel)
+    x, y = global_data(56)  # 4 steps of 7 per process
+    xr, yr = rank_batches(x, rank, size), rank_batches(y, rank, size)
+    callbacks = [keras.callbacks.ModelCheckpoint(out / "every3.keras", save_freq=3)]
+    start = time.monotonic()
+    parallel.fit(xr, yr, batch_size=7, epochs=1, verbose=0, callbacks=callbacks)
+    parallel.save(out / "after.keras")
+    seconds = time.monotonic() - start
+    (out / f"slow_rank{rank}.json").write_text(json.dumps({"seconds": seconds}))
+
+
 def main():
     name, scenario, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     replicate.simulate_devices(2)
@@ -416,6 +678,12 @@ def main():
         consistency(out, backend)
     elif scenario == "chief":
         chief_only(out, backend)
+    elif scenario == "agree":
+        agree(out, backend)
+    elif scenario == "disagree":
+        disagree(out, backend)
+    elif scenario == "slow":
+        slow(out, backend)
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
 

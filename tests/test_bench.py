@@ -105,6 +105,22 @@ def test_scaling_outputs_with_every_peer(tmp_path):
     assert (tmp_path / "scaling.png").read_bytes().startswith(PNG)
 
 
+@pytest.mark.slow
+def test_agreement_token_cost_outputs(tmp_path):
+    result = _run(
+        "agreement", "--steps", "5", "--repeats", "1", "--processes", "1", "--output", tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((tmp_path / "agreement.json").read_text())
+    for backend, rows in payload["records"].items():
+        assert backend in ("collective", "horovod")
+        for key in ("without token", "with token"):
+            assert len(rows[key]["samples"]) == 1 and rows[key]["ms_per_step_best"] > 0
+        assert rows["paired_ratio_median"] > 0
+    table = (tmp_path / "agreement.md").read_text()
+    assert "| collective | with token |" in table and "cost (median of paired rounds)" in table
+
+
 def test_agreement_detects_a_wrong_learning_rate():
     spec = {"model": "mlp", "hidden": 32, "batch": 16, "steps": 5}
     x, y = models.data("mlp", 16 * 5)

@@ -280,3 +280,177 @@ def test_unknown_compression(devices, mlp_factory):
 @pytest.mark.skipif(HOROVOD_SKIP is not None, reason=str(HOROVOD_SKIP))
 def test_horovodrun_is_the_project_build():
     assert shutil.which("horovodrun", path=str(BIN)) == str(BIN / "horovodrun")
+
+
+# -- what the processes agree on (issue 23) -----------------------------------------
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def agreed(request, tmp_path_factory):
+    """One job: names, steps_per_epoch with a short shard, stop_training, writers, shards."""
+    backend = request.param
+    out = tmp_path_factory.mktemp(f"agree-{backend}")
+    start = model_zoo.mlp(seed=100)
+    model_zoo.compile_classifier(start, keras.optimizers.SGD(0.1, momentum=0.5))
+    start.optimizer.build(start.trainable_variables)
+    start.save(out / "start.keras")  # what the chief loads
+    result, _ = launch(backend, "agree", out)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    ranks = [json.loads((out / f"agree_rank{r}.json").read_text()) for r in (0, 1)]
+    return backend, out, ranks
+
+
+def _same_on_both_ranks(out, name):
+    w0, w1 = (_weights(out / f"{name}_rank{r}.npz") for r in (0, 1))
+    for a, b in zip(w0, w1, strict=True):
+        np.testing.assert_array_equal(a, b)
+    return w0
+
+
+@pytest.mark.parametrize("case", ["loaded", "extra"])
+def test_variables_named_differently_train_like_four_local_towers(case, agreed, devices):
+    _, out, ranks = agreed
+    got = ranks[0][f"names_{case}"]
+    assert got["names"] != ranks[1][f"names_{case}"]["names"]  # e.g. dense/... vs mlp/dense/...
+    w0 = _same_on_both_ranks(out, f"names_{case}")
+    if case == "loaded":
+        model = keras.models.load_model(out / "start.keras")
+    else:
+        model = model_zoo.mlp(seed=100)  # the chief's start wins the broadcast
+        model_zoo.compile_classifier(model, keras.optimizers.SGD(0.1, momentum=0.5))
+    parallel = replicate.replicate(model, devices)
+    x, y = worker.global_data()
+    history = parallel.fit(x, y, batch_size=worker.GLOBAL_BATCH, epochs=2, shuffle=False, verbose=0)
+    assert _max_diff(model.get_weights(), w0) <= 1e-5
+    np.testing.assert_allclose(got["loss"], history.history["loss"], rtol=1e-5)
+
+
+class GlobalBatches(keras.utils.PyDataset):
+    """The global batches of a short-shard job: both ranks' batch i while both have one."""
+
+    def __init__(self, parts):
+        super().__init__()
+        b = worker.STEPS_BATCH
+        self.batches = []
+        for i in range(max(-(-len(p[0]) // b) for p in parts)):
+            pieces = [(x[i * b : (i + 1) * b], y[i * b : (i + 1) * b]) for x, y in parts]
+            self.batches.append(tuple(np.concatenate(k) for k in zip(*pieces)))
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+
+@pytest.mark.parametrize("kind", ["dataset", "generator"])
+def test_steps_per_epoch_with_a_short_shard_follows_the_uneven_rule(kind, agreed, devices):
+    """10 batches on rank 0, 6 on rank 1, steps_per_epoch=5 over 2 epochs: every process
+    runs the 10 steps, rank 1 adds nothing to the last 4 (as 4 local towers given only
+    rank 0's samples there)."""
+    _, out, ranks = agreed
+    got = ranks[0][f"steps_{kind}"]
+    assert got == ranks[1][f"steps_{kind}"] and got["iterations"] == 10
+    w0 = _same_on_both_ranks(out, f"steps_{kind}")
+    train, val = zip(*(worker.short_shards(r) for r in (0, 1)))
+    model = model_zoo.mlp(seed=21)
+    parallel = replicate.replicate(model, devices)
+    model_zoo.compile_classifier(parallel, keras.optimizers.SGD(0.1, momentum=0.5))
+    history = parallel.fit(
+        GlobalBatches(train),
+        epochs=2,
+        steps_per_epoch=5,
+        validation_data=GlobalBatches(val),
+        validation_steps=3,
+        shuffle=False,  # a PyDataset is shuffled by default; the processes' data is not
+        verbose=0,
+    ).history
+    assert _max_diff(model.get_weights(), w0) <= 1e-5
+    for key in ("loss", "val_loss"):
+        np.testing.assert_allclose(got["history"][key], history[key], rtol=1e-5, err_msg=key)
+
+
+def test_generators_that_all_ran_out_stop_every_process(agreed):
+    """Over 3 epochs of 5 steps, rank 0's 10 batches run out after epoch 2: the first step
+    of epoch 3 has no sample anywhere, and both stop there, as Keras does alone."""
+    _, out, ranks = agreed
+    got = ranks[0]["steps_generator_ran_out"]
+    assert got == ranks[1]["steps_generator_ran_out"]
+    assert got["iterations"] == 11 and len(got["history"]["loss"]) == 3
+    _same_on_both_ranks(out, "steps_generator_ran_out")
+
+
+def test_stop_training_on_one_process_stops_both_after_the_same_step(agreed):
+    _, out, ranks = agreed
+    # Rank 1 stops after step 3 of epoch 1: the wish travels with step 4, after which
+    # both stop. Rank 1 stops before step 3: the wish travels with step 3, after which
+    # both stop. Rank 0 stops at the end of epoch 2: both stop there.
+    assert ranks[0]["stop_batch"] == ranks[1]["stop_batch"] == {"epochs": 1, "iterations": 4}
+    assert ranks[0]["stop_begin"] == ranks[1]["stop_begin"] == {"epochs": 1, "iterations": 3}
+    assert ranks[0]["stop_epoch"] == ranks[1]["stop_epoch"] == {"epochs": 2, "iterations": 10}
+    for where in ("batch", "begin", "epoch"):
+        _same_on_both_ranks(out, f"stop_{where}")
+
+
+def test_export_and_save_are_written_once_by_the_chief(agreed):
+    _, out, ranks = agreed
+    base = out / "serving"
+    failed = [rank["written"].pop("failed") for rank in ranks]
+    assert failed[0].startswith("FileExistsError: Version 1 already exists")
+    assert failed[1] == (
+        "RuntimeError: replicate: the chief (process 0 of 2) failed in `export`, so nothing "
+        "was written; its own output shows the error."
+    )
+    written = ranks[0]["written"]
+    assert written == ranks[1]["written"]  # the same paths, seen complete on both
+    assert written["paths"] == [str(base / "1"), str(base / "2")]
+    assert written["listed"] == [["1"], ["1", "2"]]  # one version per call, no second writer
+    assert sorted(p.name for p in base.iterdir()) == ["1", "2"]  # nothing half-written left
+    assert written["saved_seen"]  # the other process returned after the chief's save
+
+
+def test_shard_refuses_a_dataset_shuffled_before_it(agreed):
+    _, _, ranks = agreed
+    for rank in ranks:
+        assert "shard before shuffling" in rank["shuffle"]["refused"]
+    first, second = (set(r["shuffle"]["elements"]) for r in ranks)
+    assert not first & second and first | second == set(range(64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_processes_that_disagree_stop_at_once_naming_both_positions(backend, tmp_path):
+    result, _ = launch(backend, "disagree", tmp_path, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    ranks = [json.loads((tmp_path / f"disagree_rank{r}.json").read_text()) for r in (0, 1)]
+    expected = {
+        "epochs": "process 0 is in fit, epoch 3, before step 1; "
+        "process 1 is in evaluate after epoch 2.",
+        "evaluate_or_save": "process 0 is in evaluate after epoch 1; "
+        "process 1 is in save after epoch 1.",
+        "chief_evaluates": "process 0 is in evaluate before any training epoch; "
+        "process 1 is at the start of fit (epoch 1).",
+        "models": "variable 1 is `mlp/hidden/kernel` (6, 16) float32 on process 0 (6 variables); "
+        "`mlp/hidden/kernel` (6, 8) float32 on process 1 (6 variables).",
+    }
+    for case, text in expected.items():
+        errors = [rank[case]["error"] for rank in ranks]
+        assert errors[0] == errors[1], case  # the same error on every process
+        assert errors[0].startswith("DisagreementError: replicate: the processes"), errors[0]
+        assert text in errors[0], (case, errors[0])
+        assert max(rank[case]["seconds"] for rank in ranks) < 30, case
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_chief_write_longer_than_the_hang_limit_finishes(backend, tmp_path):
+    """ModelCheckpoint every 3 batches, then save: each write takes 31 s, over 3 x the 10 s
+    hang limit, so the chief and the process waiting for it would both have been stopped
+    had their watchdogs counted it. (The limit leaves the rest of fit time on this loaded
+    2-core machine: with 3 s and 7 s limits, the end of a fit took longer here at times.)"""
+    result, _ = launch(
+        backend, "slow", tmp_path, timeout=400, REPLICATE_HANG_TIMEOUT="10", SLOW_SAVE="31"
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    for name in ("every3.keras", "after.keras"):
+        assert (tmp_path / name).is_file(), name
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"slow_rank{rank}.json").read_text())["seconds"] >= 62

@@ -49,10 +49,12 @@ from replicate._keras_compat.tensorflow_internals import (
     all_reduce,
     check_peer_health,
     configure_collectives,
+    dataset_inputs,
     enable_collectives,
     native_hyperparameters,
     pass_through_autograph,
     set_variable_creators,
+    shuffled_upstream,
     variable_creators,
 )
 
@@ -67,6 +69,7 @@ __all__ = [
     "compiled_loss",
     "compute_loss",
     "configure_collectives",
+    "dataset_inputs",
     "enable_collectives",
     "get_global_attribute",
     "get_logits",
@@ -83,6 +86,7 @@ __all__ = [
     "set_mask",
     "set_tensor_attribute",
     "set_variable_creators",
+    "shuffled_upstream",
     "sublayers",
     "symbolic_build",
     "variable_creators",
@@ -137,6 +141,9 @@ def verify() -> list[str]:
             "context.check_collective_ops_peer_health",
             lambda: _eager_context().check_collective_ops_peer_health,
         ),
+        ("DatasetV2._inputs", lambda: tf.data.Dataset.range(1)._inputs),
+        # None (no shuffle recognised) has no `.lower`: an AttributeError, as a missing name.
+        ("_ShuffleDataset", lambda: shuffled_upstream(tf.data.Dataset.range(2).shuffle(2)).lower),
         (
             "collective_ops.all_reduce_v2",
             lambda: importlib.import_module("tensorflow.python.ops.collective_ops").all_reduce_v2,

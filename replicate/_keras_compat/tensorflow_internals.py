@@ -148,3 +148,32 @@ def abort_collectives(code: int, message: str) -> None:
     """Fails every pending and later collective of this process with `message`
     (`context.abort_collective_ops`, TensorFlow 2.16-2.21)."""
     _eager_context().abort_collective_ops(code, message)
+
+
+# -- tf.data pipelines -------------------------------------------------------------
+
+
+def dataset_inputs(dataset: tf.data.Dataset) -> list[tf.data.Dataset]:
+    """The datasets `dataset` is made from (`DatasetV2._inputs()`, TensorFlow 2.16-2.21)."""
+    return list(dataset._inputs())
+
+
+def shuffled_upstream(dataset: tf.data.Dataset) -> str | None:
+    """The class name of a shuffle anywhere upstream of `dataset` (itself included), or None.
+
+    `Dataset.shuffle` and `Dataset.list_files(shuffle=True)` make a
+    `_ShuffleDataset` (`tensorflow/python/data/ops/shuffle_op.py`, TensorFlow
+    2.16-2.21); the deprecated `shuffle_and_repeat` a `_ShuffleAndRepeatDataset`.
+    Datasets made inside a function (`interleave`, `flat_map`) are not seen.
+    """
+    stack, seen = [dataset], set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        name = type(current).__name__
+        if "Shuffle" in name:
+            return name
+        stack.extend(dataset_inputs(current))
+    return None

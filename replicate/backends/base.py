@@ -4,7 +4,9 @@ Everything that does not depend on the engine lives here, once: summing
 gradients (with optional float16 compression), count-weighted averages,
 combining metric state, broadcasting, step agreement and the wording of a
 lost process. A multi-process backend implements four calls of its engine:
-`_all_sum`, `_all_max`, `_broadcast` and `_is_lost_peer`.
+`_all_sum`, `_all_max`, `_broadcast` and `_is_lost_peer`, and may give the
+agreement tokens (`replicate.backends.agreement`) a channel of their own
+(`_agreement_sum`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
-from replicate.watchdog import Watchdog
+from replicate.backends.agreement import Agreement
+from replicate.watchdog import DEFAULT_HANG_TIMEOUT, Watchdog
 
 COMPRESSIONS = ("none", "fp16")
-DEFAULT_HANG_TIMEOUT = 120.0
 
 
 class Backend:
@@ -35,9 +38,16 @@ class Backend:
         hang_timeout: Seconds a process may spend outside the collective
             steps (callbacks, data loading) while the others wait, before it
             is stopped so that the job ends instead of hanging
-            (`replicate.watchdog.Watchdog`). Defaults to the
-            `REPLICATE_HANG_TIMEOUT` environment variable, else 120; 0 turns
+            (`replicate.watchdog.Watchdog`; the chief's known writes and the
+            waits for them never count). Defaults to the
+            `REPLICATE_HANG_TIMEOUT` environment variable, else 1800 (30
+            minutes, torch.distributed's default collective timeout); 0 turns
             it off.
+        lockstep: Each training step carries its agreement token
+            (`replicate.lockstep`): `stop_training` on one process stops
+            every process, and processes that ran different steps stop with
+            an error. `False` leaves the steps as they were before (only the
+            phases agree): for measuring the token's cost. Defaults to True.
 
     Raises:
         ValueError: For an unknown compression or a negative `hang_timeout`.
@@ -47,7 +57,11 @@ class Backend:
     launcher: str = "launcher"
 
     def __init__(
-        self, *, compression: str | None = None, hang_timeout: float | None = None
+        self,
+        *,
+        compression: str | None = None,
+        hang_timeout: float | None = None,
+        lockstep: bool = True,
     ) -> None:
         choice = "none" if compression is None else compression
         if choice not in COMPRESSIONS:
@@ -64,7 +78,9 @@ class Backend:
                 f"Received: hang_timeout={hang_timeout!r}"
             )
         self.hang_timeout = float(hang_timeout)
+        self.lockstep = bool(lockstep)
         self._watchdog = None
+        self._agreement = None
 
     @property
     def watchdog(self) -> Watchdog:
@@ -72,6 +88,13 @@ class Backend:
         if self._watchdog is None:
             self._watchdog = Watchdog(self.rank, self.size, self.hang_timeout)
         return self._watchdog
+
+    @property
+    def agreement(self) -> Agreement:
+        """This process's `replicate.backends.agreement.Agreement` (its position tokens)."""
+        if self._agreement is None:
+            self._agreement = Agreement(self)
+        return self._agreement
 
     # -- identity ------------------------------------------------------------
 
@@ -112,12 +135,21 @@ class Backend:
         raise NotImplementedError
 
     def _broadcast(self, variables: list[tf.Variable], root_rank: int) -> None:
-        """Assigns every variable its value on `root_rank`."""
+        """Assigns every variable its value on `root_rank`, matched by position."""
         values = [tf.convert_to_tensor(v) for v in variables]
-        mine = tf.constant(float(self.rank == root_rank))
-        sent = [v * tf.cast(mine, v.dtype) for v in values]
+        mine = self.rank == root_rank
+        sent = [v if mine else tf.zeros_like(v) for v in values]
         for variable, value in zip(variables, self.all_sum(sent)):
             variable.assign(value)
+
+    def _agreement_sum(self, table: tf.Tensor) -> tf.Tensor:
+        """The sum of an agreement token's table over processes, eagerly.
+
+        Engines whose collectives meet by a counter (the collective runtime's
+        instance keys) give tokens a counter of their own, so that a token
+        always meets the other processes' tokens, whatever else they did.
+        """
+        return self._all_sum([table])[0]
 
     def _is_lost_peer(self, error: BaseException) -> bool:
         """Whether `error` means another process died or stopped answering."""
@@ -166,15 +198,35 @@ class Backend:
             return self.watchdog.waiting()
         return contextlib.nullcontext()
 
+    def gather_rows(self, row: np.ndarray) -> np.ndarray:
+        """Every process's `row` (int64, the same length everywhere), eagerly.
+
+        Returns:
+            An array of shape `(size, len(row))`: row r is process r's.
+        """
+        table = np.zeros((self.size, len(row)), np.int64)
+        table[self.rank] = row
+        if self.size == 1:
+            return table
+        with self._collective():
+            return np.asarray(self._agreement_sum(tf.constant(table)))
+
+    def _with_token(self, payload: list[Any], samples: Any) -> tuple[list[Any], bool]:
+        """`payload` with the step's agreement token at its end, when tracing a step."""
+        token = self.agreement.step_payload(samples)
+        return (payload, False) if token is None else ([*payload, token], True)
+
     def sum_gradients(self, grads: Sequence[Any]) -> list[Any]:
         """Sums gradients over processes (`None` stays `None`; sparse ones are sent dense)."""
         if self.size == 1:
             return list(grads)
         present = [i for i, g in enumerate(grads) if g is not None]
-        summed = self.all_sum(
-            [tf.convert_to_tensor(grads[i]) for i in present],
-            compress=self.compression == "fp16",
-        )
+        dense = [tf.convert_to_tensor(grads[i]) for i in present]
+        payload, token = self._with_token(dense, -1)
+        fp16 = self.compression == "fp16"
+        summed = self.all_sum(payload, compress=[fp16] * len(dense) + [False] * token)
+        if token:
+            self.agreement.step_received(summed.pop())
         out: list[Any] = [None] * len(grads)
         for i, g in zip(present, summed):
             out[i] = g
@@ -213,9 +265,11 @@ class Backend:
         if not shares:
             dense = [g * tf.cast(c, g.dtype) for g in dense]
         weighted = [v * tf.cast(c, v.dtype) for v in scalars]
-        payload = [*dense, c, *state, *weighted]
+        payload, token = self._with_token([*dense, c, *state, *weighted], count)
         compress = [self.compression == "fp16"] * len(dense) + [False] * (len(payload) - len(dense))
         summed = self.all_sum(payload, compress=compress)
+        if token:
+            self.agreement.step_received(summed.pop())
         n = len(dense)
         total = summed[n]
         out: list[Any] = [None] * len(grads)
@@ -254,8 +308,22 @@ class Backend:
             return self._all_max(tf.cast(value, tf.int64))
 
     def broadcast_variables(self, variables: Sequence[Any], root_rank: int = 0) -> None:
-        """Gives `variables` (Keras or TF) on every process their values on `root_rank`."""
-        if self.size == 1 or not variables:
+        """Gives `variables` (Keras or TF) on every process their values on `root_rank`.
+
+        Variables are matched by their position in `variables`, never by
+        name: a model loaded from a file on the chief (`hidden/kernel`) and
+        the same model built afresh elsewhere (`mlp/hidden/kernel`) agree.
+        First the processes agree on the count, shapes and dtypes.
+
+        Raises:
+            replicate.backends.agreement.DisagreementError: On every process,
+                naming the first variable that differs on each, if the count,
+                a shape or a dtype differs.
+        """
+        if self.size == 1:
+            return
+        self.agreement.check_variables(variables)
+        if not variables:
             return
         with self._collective():
             self._broadcast([getattr(v, "value", v) for v in variables], root_rank)

@@ -35,8 +35,11 @@ COMMUNICATIONS = ("auto", "ring", "nccl")
 # Eager collectives (broadcasts, step agreement, metric state) and traced ones
 # (inside tf.function) take instance keys from separate ranges, so that the
 # order in which a process traces and the order in which it calls eagerly
-# cannot shift one another's keys.
+# cannot shift one another's keys. Agreement tokens have a range of their own:
+# a token always meets the other processes' tokens, even after they made
+# different calls, which is what a token is there to find.
 _TRACED_KEYS = 1
+_AGREEMENT_KEYS = 1 << 29
 _EAGER_KEYS = 1 << 30
 
 # TensorFlow's collective runtime is configured once per process; this records
@@ -69,7 +72,7 @@ def _start(cluster: cluster_lib.Cluster) -> None:
     _STARTED.update(
         addresses=list(cluster.addresses),
         rank=cluster.rank,
-        keys={True: _EAGER_KEYS, False: _TRACED_KEYS},
+        keys={True: _EAGER_KEYS, False: _TRACED_KEYS, "agreement": _AGREEMENT_KEYS},
         lock=threading.Lock(),
         health=None,
     )
@@ -95,7 +98,8 @@ class CollectiveBackend(Backend):
             Defaults to 5.
         hang_timeout: See `replicate.Backend`: seconds a process may spend
             outside the collective steps before it is stopped. Defaults to
-            `REPLICATE_HANG_TIMEOUT` or 120.
+            `REPLICATE_HANG_TIMEOUT` or 1800.
+        lockstep: See `replicate.Backend`. Defaults to True.
         threads: TensorFlow threads per pool for this process: a number,
             `"auto"` (the host's cores divided among its processes) or
             `"tensorflow"` (TensorFlow's own sizes). Defaults to
@@ -118,9 +122,10 @@ class CollectiveBackend(Backend):
         startup_timeout: float | None = None,
         health_interval: float = 5.0,
         hang_timeout: float | None = None,
+        lockstep: bool = True,
         threads: int | str | None = None,
     ) -> None:
-        super().__init__(compression=compression, hang_timeout=hang_timeout)
+        super().__init__(compression=compression, hang_timeout=hang_timeout, lockstep=lockstep)
         if communication not in COMMUNICATIONS:
             raise ValueError(
                 f"Unknown communication. Received: communication={communication!r}. "
@@ -159,13 +164,15 @@ class CollectiveBackend(Backend):
 
     # -- the engine's calls ------------------------------------------------------
 
-    def _key(self) -> int:
-        eager = tf.executing_eagerly()
+    def _key(self, kind: Any = None) -> int:
+        kind = tf.executing_eagerly() if kind is None else kind
         with _STARTED["lock"]:
-            _STARTED["keys"][eager] += 1
-            return _STARTED["keys"][eager]
+            _STARTED["keys"][kind] += 1
+            return _STARTED["keys"][kind]
 
-    def _reduce(self, tensor: tf.Tensor, merge_op: str, *, timeout: float = 0) -> tf.Tensor:
+    def _reduce(
+        self, tensor: tf.Tensor, merge_op: str, *, timeout: float = 0, keys: Any = None
+    ) -> tf.Tensor:
         if tf.executing_eagerly() and not timeout:
             self._ensure_health_check()
         device = tensor.device or "/cpu:0"
@@ -177,7 +184,7 @@ class CollectiveBackend(Backend):
                 tensor,
                 group_size=self.size,
                 group_key=2 if on_gpu else 1,  # a group holds one device type
-                instance_key=self._key(),
+                instance_key=self._key(keys),
                 merge_op=merge_op,
                 communication_hint=hint,
                 timeout=timeout,
@@ -193,6 +200,9 @@ class CollectiveBackend(Backend):
 
     def _all_max(self, value: tf.Tensor) -> tf.Tensor:
         return self._reduce(tf.reshape(value, (1,)), "Max")[0]
+
+    def _agreement_sum(self, table: tf.Tensor) -> tf.Tensor:
+        return self._reduce(table, "Add", keys="agreement")
 
     def _is_lost_peer(self, error: BaseException) -> bool:
         return isinstance(

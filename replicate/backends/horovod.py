@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from replicate import threads as threads_lib
@@ -52,7 +53,8 @@ class HorovodBackend(Backend):
             and casts them back; `"none"` or `None` sends them as they are.
         hang_timeout: See `replicate.Backend`: seconds a process may spend
             outside the collective steps before it is stopped. Defaults to
-            `REPLICATE_HANG_TIMEOUT` or 120.
+            `REPLICATE_HANG_TIMEOUT` or 1800.
+        lockstep: See `replicate.Backend`. Defaults to True.
         threads: TensorFlow threads per pool for this process: a number,
             `"auto"` (the host's cores divided among its processes) or
             `"tensorflow"` (TensorFlow's own sizes). Defaults to
@@ -71,9 +73,10 @@ class HorovodBackend(Backend):
         compression: str | None = None,
         *,
         hang_timeout: float | None = None,
+        lockstep: bool = True,
         threads: int | str | None = None,
     ) -> None:
-        super().__init__(compression=compression, hang_timeout=hang_timeout)
+        super().__init__(compression=compression, hang_timeout=hang_timeout, lockstep=lockstep)
         self._hvd = _import_horovod()
         self._hvd.init()
         self.threads = threads_lib.apply(self.local_size, threads)
@@ -101,7 +104,20 @@ class HorovodBackend(Backend):
         return self._hvd.allreduce(tf.reshape(value, (1,)), op=self._hvd.Max)[0]
 
     def _broadcast(self, variables: list[tf.Variable], root_rank: int) -> None:
-        self._hvd.broadcast_variables(variables, root_rank=root_rank)
+        # Eagerly, one buffer per dtype, in the variables' order. Horovod's own
+        # `broadcast_variables` traces a function whose tensors are named after
+        # the variables, and Horovod matches tensors by name: processes whose
+        # variable names differ (a model loaded on the chief, built afresh on
+        # the others) would wait for each other for ever.
+        groups: dict[tf.DType, list[int]] = {}
+        for i, variable in enumerate(variables):
+            groups.setdefault(variable.dtype, []).append(i)
+        for indices in groups.values():
+            flat = tf.concat([tf.reshape(variables[i], [-1]) for i in indices], axis=0)
+            received = self._hvd.broadcast(flat, root_rank)
+            sizes = [int(np.prod(variables[i].shape)) for i in indices]
+            for i, piece in zip(indices, tf.split(received, sizes)):
+                variables[i].assign(tf.reshape(piece, variables[i].shape))
 
     def _is_lost_peer(self, error: BaseException) -> bool:
         return "Horovod has been shut down" in str(error) or (

@@ -1,5 +1,6 @@
-"""Two measurements the README quotes: how close replicated mixed-precision training comes
-to one device (`precision`), and what `ConsistencyCheck` costs per step (`consistency`)."""
+"""Three measurements the README quotes: how close replicated mixed-precision training comes
+to one device (`precision`), what `ConsistencyCheck` costs per step (`consistency`), and
+what the per-step agreement token costs (`agreement`)."""
 
 from __future__ import annotations
 
@@ -110,9 +111,90 @@ def consistency_worker(spec: dict[str, Any]) -> None:
         runner.emit({"times": times})
 
 
+def agreement_worker(spec: dict[str, Any]) -> None:
+    """One process of 2: steps as before this release (`lockstep=False`) and with the
+    per-step agreement token, interleaved, on the same data."""
+    import replicate
+
+    replicate.simulate_devices(1)
+    first = replicate.get_backend(spec["backend"])  # the collective runtime: before TF starts
+    import keras
+
+    from replicate.bench import models
+
+    x, y = models.data("mlp", spec["batch"] * spec["steps"], seed=first.rank)
+
+    def contender(key: str, lockstep: bool) -> runner.Contender:
+        parallel = replicate.replicate(
+            models.build("mlp"), ["/cpu:0"], backend=spec["backend"], lockstep=lockstep
+        )
+        parallel.compile(
+            optimizer=keras.optimizers.SGD(0.01),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+
+        def run() -> float:
+            import time
+
+            start = time.perf_counter()
+            parallel.fit(x, y, batch_size=spec["batch"], epochs=1, verbose=0)
+            return 1000.0 * (time.perf_counter() - start) / spec["steps"]
+
+        return runner.Contender(key, run)
+
+    contenders = [contender("without token", False), contender("with token", True)]
+    times = runner.interleave(contenders, spec["repeats"], warmup=1)
+    if first.is_chief:
+        runner.emit({"times": times})
+
+
+def _launcher(backend: str) -> list[str]:
+    bin_dir = Path(sys.executable).parent
+    if backend == "horovod":
+        return [str(bin_dir / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"]
+    return [str(bin_dir / "replicate"), "launch", "--nproc", "2", "--"]
+
+
+def _agreement(args, info: dict[str, Any]) -> dict[str, Any]:
+    from replicate.backends.horovod import build_info
+
+    spec = {
+        "kind": "agreement",
+        "batch": args.batch or 64,
+        "steps": args.steps or (100 if args.quick else 300),
+        "repeats": args.repeats or (3 if args.quick else 6),
+    }
+    backends = ["collective"] + (["horovod"] if build_info()["installed"] else [])
+    jobs = args.processes or 2
+    progress = runner.Progress(jobs * len(backends), "agreement")
+    records: dict[str, Any] = {}
+    for backend in backends:
+        times: dict[str, list[float]] = {}
+        for job in range(jobs):
+            out = runner.run_worker(
+                "replicate.bench.worker", {**spec, "backend": backend}, launcher=_launcher(backend)
+            )
+            for key, values in out["times"].items():
+                times.setdefault(key, []).extend(values)
+            progress.step(f"{backend} job {job + 1}")
+        records[backend] = {
+            k: {"ms_per_step_median": runner.median(v), "ms_per_step_best": min(v), "samples": v}
+            for k, v in times.items()
+        }
+        # Each round times both, one right after the other: the ratio within a round
+        # shares the machine's state (load from other jobs changes over seconds).
+        pairs = zip(times["with token"], times["without token"], strict=True)
+        records[backend]["paired_ratio_median"] = runner.median(a / b for a, b in pairs)
+    return {"benchmark": "agreement", "machine": info, "settings": spec, "records": records}
+
+
 def run(args) -> dict[str, Any]:
-    """The `precision` and `consistency` commands."""
+    """The `precision`, `consistency` and `agreement` commands."""
     info = machine.describe()
+    if args.command == "agreement":
+        payload = _agreement(args, info)
+        report.write(payload, Path(args.output), agreement_markdown)
+        return payload
     if args.command == "precision":
         spec = {
             "kind": "precision",
@@ -199,4 +281,35 @@ def consistency_markdown(payload: dict[str, Any]) -> str:
             f"| {key} | {row['ms_per_step_median']:.2f} | {row['ms_per_step_best']:.2f} | "
             f"{100 * (row['ms_per_step_median'] / base - 1):+.1f}% |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def agreement_markdown(payload: dict[str, Any]) -> str:
+    s = payload["settings"]
+    lines = [
+        "# The cost of the per-step agreement token",
+        "",
+        machine.markdown(payload["machine"]),
+        f"2 processes x 1 tower, the benchmark MLP (784-512-512-10), SGD, batch {s['batch']} "
+        f"per process, {s['steps']} steps per timed epoch (a whole `fit` epoch, its own set-up "
+        f"included), {s['repeats']} interleaved repeats per job. `without token` is "
+        "`lockstep=False`: the steps as they were before the token (the phase tokens at the "
+        "start of fit and of each epoch remain in both).",
+        "",
+        "| backend | steps | ms/step median | ms/step best | cost (median) | cost (best) "
+        "| cost (median of paired rounds) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for backend, rows in payload["records"].items():
+        base = rows["without token"]
+        for key in ("without token", "with token"):
+            row = rows[key]
+            paired = rows["paired_ratio_median"] if key == "with token" else 1.0
+            lines.append(
+                f"| {backend} | {key} | {row['ms_per_step_median']:.2f} | "
+                f"{row['ms_per_step_best']:.2f} | "
+                f"{100 * (row['ms_per_step_median'] / base['ms_per_step_median'] - 1):+.1f}% | "
+                f"{100 * (row['ms_per_step_best'] / base['ms_per_step_best'] - 1):+.1f}% | "
+                f"{100 * (paired - 1):+.1f}% |"
+            )
     return "\n".join(lines) + "\n"

@@ -1,5 +1,5 @@
 """`replicate-bench` (or `python -m benchmarks`): scaling|optimizers|precision|consistency|
-startup|overhead.
+agreement|startup|overhead.
 
 Parsing imports nothing heavy: `--help` and a wrong argument answer before
 TensorFlow is imported; the benchmark modules load once a command runs.
@@ -40,6 +40,7 @@ def parser() -> argparse.ArgumentParser:
         ("consistency", "the per-step cost of ConsistencyCheck across 2 processes"),
         ("startup", "time to the first step at 1-8 towers, against MirroredStrategy"),
         ("overhead", "the steady-state cost per tower, against MirroredStrategy"),
+        ("agreement", "the per-step cost of the agreement token across 2 processes"),
     ):
         p = commands.add_parser(name, help=help_text)
         p.add_argument("--quick", action="store_true", help="a short run (minutes on 2 cores)")
@@ -54,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
             ),
         )
         p.add_argument("--repeats", type=positive_int, help="counted repeats per process")
-        p.add_argument("--processes", type=positive_int, help="fresh processes (default 2)")
+        p.add_argument("--processes", type=positive_int, help="fresh processes or jobs (default 2)")
         p.add_argument("--steps", type=positive_int, help="steps per timed pass")
         p.add_argument("--batch", type=positive_int, help="global batch")
     sc = commands.choices["scaling"]

@@ -32,10 +32,13 @@ def main(argv: list[str]) -> None:
 
         scaling.process_worker(spec)
         return
-    if spec["kind"] == "consistency":
+    if spec["kind"] in ("consistency", "agreement"):
         from replicate.bench import checks
 
-        checks.consistency_worker(spec)
+        worker = (
+            checks.consistency_worker if spec["kind"] == "consistency" else checks.agreement_worker
+        )
+        worker(spec)
         return
     devices = _devices(spec["devices"])
     if spec["kind"] == "scaling":

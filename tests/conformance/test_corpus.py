@@ -53,5 +53,3 @@ def test_a_pipe_in_a_criterion_does_not_break_the_table():
     line = table.row(["switch", r"raised in tower (0|1)", "not run"])
     assert line == r"| switch | raised in tower (0\|1) | not run |"
     assert line.replace(r"\|", "").count("|") == 4  # 3 cells
-
-
