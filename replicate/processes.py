@@ -342,15 +342,16 @@ def step_function(
         try:
             with lockstep or contextlib.nullcontext(), watchdog.waiting():
                 logs = function(iterator)
+                # The step's agreement token (`replicate.results`), in training and
+                # evaluation logs; the lockstep reads it as the step ends.
+                token = logs.pop(results.TOKEN, None) if isinstance(logs, dict) else None
+                if lockstep is not None:
+                    lockstep.returned = token
         except tf.errors.OpError as error:
             described = parallel.builder.errors.describe(error)
             if described is None:
                 raise
             raise described from error
-        if skip and isinstance(logs, dict):  # the step's agreement token (`replicate.results`)
-            token = logs.pop(results.TOKEN, None)
-            if lockstep is not None:
-                lockstep.returned = token
         return logs
 
     return marked

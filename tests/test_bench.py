@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from replicate import threads
 from replicate.bench import models, optimizers
 from replicate.optimizers import NativeOptimizer
 
@@ -119,6 +120,36 @@ def test_agreement_token_cost_outputs(tmp_path):
         assert rows["paired_ratio_median"] > 0
     table = (tmp_path / "agreement.md").read_text()
     assert "| collective | with token |" in table and "cost (median of paired rounds)" in table
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["startup", "overhead"])
+def test_startup_and_overhead_outputs(command, tmp_path):
+    extra = ["--model", "mlp"] if command == "startup" else ["--steps", "5", "--repeats", "1"]
+    result = _run(command, *extra, "--devices", "2", "--processes", "1", "--output", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((tmp_path / f"{command}.json").read_text())
+    unit = "seconds" if command == "startup" else "ms_per_step"
+    cells = {(r["method"], r["towers"]): r[f"{unit}_best"] for r in payload["records"]}
+    assert sorted(cells) == [("mirrored", 1), ("mirrored", 2), ("replicate", 1), ("replicate", 2)]
+    assert all(value > 0 for value in cells.values())
+    table = (tmp_path / f"{command}.md").read_text()
+    assert "| replicate | " in table and "| mirrored | " in table
+    assert ("take" if command == "startup" else "ms per added tower") in table
+
+
+@pytest.mark.slow
+def test_profile_outputs(tmp_path):
+    result = _run("profile", "--steps", "5", "--repeats", "1", "--output", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((tmp_path / "profile.json").read_text())
+    share = max(1, threads.cores() // 2)  # 2 processes on this host (replicate.threads)
+    assert "collective" in payload["records"]
+    for backend, rows in payload["records"].items():
+        assert rows["threads"] == share
+        for key in ("replicated step", "local step", "exchange alone"):
+            assert rows[key]["ms_per_step_best"] > 0, (backend, key)
+    assert f"| collective | {share} | " in (tmp_path / "profile.md").read_text()
 
 
 def test_agreement_detects_a_wrong_learning_rate():

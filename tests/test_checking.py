@@ -259,6 +259,25 @@ def test_exact_models_fit_in_silence(devices):
             parallel.fit(X, Y, batch_size=10, epochs=1, verbose=0)
 
 
+@pytest.mark.parametrize("policy, rtol", [("mixed_float16", 2.0**-7), ("mixed_bfloat16", 2.0**-4)])
+def test_mixed_precision_is_compared_at_its_own_precision(policy, rtol, devices):
+    # float16 and bfloat16 round 10 and 7 mantissa bits: towers summing in another order
+    # than one device differ by a few of their epsilons, which is no cause (rtol is 8 eps).
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = _mlp(keras.layers.Activation("relu"), seed=4)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert replicate.checking.default_rtol(model) == rtol
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parallel = _compiled(replicate.replicate(model, devices[:4]))
+        parallel.fit(X, Y, batch_size=10, epochs=1, verbose=0)
+    assert replicate.check(parallel, X, Y).rtol == rtol
+    # The same comparison at float32's tolerance sees the rounding.
+    assert not replicate.check(parallel, X, Y, rtol=1e-6).exact
+
+
 def test_a_generator_is_refused_with_what_to_pass(devices):
     def batches():
         yield X, Y

@@ -112,3 +112,21 @@ def test_writing_a_variable_the_model_does_not_track_is_an_error(devices):
     with pytest.raises(RuntimeError, match=r"assigned variables that are not among its weights"):
         parallel.fit(X, Y, batch_size=17, epochs=1, verbose=0)
     assert float(counter.numpy()) == 0.0  # nothing half-applied
+
+
+def _traced(towers, devices):
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8), keras.layers.Dense(3)])
+    parallel = replicate.replicate(model, devices[:towers], check=False)
+    _classifier(parallel)
+    parallel.fit(X, Y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    parallel.evaluate(X, Y, batch_size=16, verbose=0)
+    return parallel.builder.tower_pass.traces
+
+
+def test_the_forward_pass_is_traced_once_whatever_the_number_of_towers(devices):
+    # Start-up grows with the towers only in TensorFlow's work, not in Python tracing:
+    # every tower calls one function, traced once per training flag and step function.
+    once = _traced(1, devices)
+    assert once > 0, once
+    assert _traced(4, devices) == once

@@ -148,7 +148,8 @@ def agreement_worker(spec: dict[str, Any]) -> None:
         runner.emit({"times": times})
 
 
-def _launcher(backend: str) -> list[str]:
+def launcher(backend: str) -> list[str]:
+    """The command that starts a 2-process job on this host under `backend`."""
     bin_dir = Path(sys.executable).parent
     if backend == "horovod":
         return [str(bin_dir / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"]
@@ -166,17 +167,17 @@ def _agreement(args, info: dict[str, Any]) -> dict[str, Any]:
     }
     backends = ["collective"] + (["horovod"] if build_info()["installed"] else [])
     jobs = args.processes or 2
-    progress = runner.Progress(jobs * len(backends), "agreement")
+    progress = runner.progress(jobs * len(backends), "agreement")
     records: dict[str, Any] = {}
     for backend in backends:
         times: dict[str, list[float]] = {}
-        for job in range(jobs):
+        for _ in range(jobs):
             out = runner.run_worker(
-                "replicate.bench.worker", {**spec, "backend": backend}, launcher=_launcher(backend)
+                "replicate.bench.worker", {**spec, "backend": backend}, launcher=launcher(backend)
             )
             for key, values in out["times"].items():
                 times.setdefault(key, []).extend(values)
-            progress.step(f"{backend} job {job + 1}")
+            progress.add(1)
         records[backend] = {
             k: {"ms_per_step_median": runner.median(v), "ms_per_step_best": min(v), "samples": v}
             for k, v in times.items()
@@ -216,12 +217,11 @@ def run(args) -> dict[str, Any]:
             "steps": args.steps or (100 if args.quick else 300),
             "repeats": args.repeats or (3 if args.quick else 6),
         }
-        launcher = [str(Path(sys.executable).parent / "replicate"), "launch", "--nproc", "2", "--"]
         times: dict[str, list[float]] = {}
         processes = args.processes or 2
         progress = runner.progress(processes, "consistency")
         for _ in range(processes):
-            out = runner.run_worker("replicate.bench.worker", spec, launcher=launcher)
+            out = runner.run_worker("replicate.bench.worker", spec, launcher=launcher("collective"))
             for key, values in out["times"].items():
                 times.setdefault(key, []).extend(values)
             progress.add(1)

@@ -1,5 +1,5 @@
 """`replicate-bench` (or `python -m benchmarks`): scaling|optimizers|precision|consistency|
-agreement|startup|overhead.
+agreement|startup|overhead|profile.
 
 Parsing imports nothing heavy: `--help` and a wrong argument answer before
 TensorFlow is imported; the benchmark modules load once a command runs.
@@ -41,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
         ("startup", "time to the first step at 1-8 towers, against MirroredStrategy"),
         ("overhead", "the steady-state cost per tower, against MirroredStrategy"),
         ("agreement", "the per-step cost of the agreement token across 2 processes"),
+        ("profile", "where a 2-process step's time goes, under each backend"),
     ):
         p = commands.add_parser(name, help=help_text)
         p.add_argument("--quick", action="store_true", help="a short run (minutes on 2 cores)")
@@ -106,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         from replicate.bench import optimizers
 
         optimizers.run(args)
+    elif args.command == "profile":
+        from replicate.bench import profile
+
+        profile.run(args)
     elif args.command in ("startup", "overhead"):
         from replicate.bench import startup
 

@@ -32,6 +32,11 @@ def main(argv: list[str]) -> None:
 
         scaling.process_worker(spec)
         return
+    if spec["kind"] == "profile":
+        from replicate.bench import profile
+
+        profile.worker(spec)
+        return
     if spec["kind"] in ("consistency", "agreement"):
         from replicate.bench import checks
 
