@@ -210,10 +210,11 @@ def _differences(report: Report, one: _Pass, many: _Pass, template, mode: str) -
         if a is not None or b is not None
     ]
     # A gradient that is zero in exact arithmetic (a bias before BatchNormalization) is
-    # rounding noise on both sides: measure it against the gradients' scale.
+    # rounding noise on both sides: measure it against 1% of the gradients' scale (float32
+    # rounding through a synchronized BatchNormalization's sums reaches 1.5e-7 of it).
     scale = max((float(np.max(np.abs(b))) for _, _, b in grads if b.size), default=0.0)
     for variable, a, b in grads:
-        value = relative_difference(a, b, floor=max(1e-3 * scale, 1e-12))
+        value = relative_difference(a, b, floor=max(1e-2 * scale, 1e-12))
         report.differences.append((f"gradient {variable.path}, {mode}", value))
     for path in sorted(set(one.state) | set(many.state)):
         a, b = many.state.get(path), one.state.get(path)
