@@ -68,6 +68,13 @@ class Report:
         return "\n".join(lines)
 
 
+def _squared_rows(t: tf.IndexedSlices) -> np.ndarray:
+    """The sum of each index's rows squared, as Keras' optimizers accumulate them."""
+    return np.asarray(
+        tf.convert_to_tensor(tf.IndexedSlices(tf.square(t.values), t.indices, t.dense_shape))
+    )
+
+
 def _numpy(t: Any) -> np.ndarray:
     if isinstance(t, tf.IndexedSlices):
         t = tf.convert_to_tensor(t)
@@ -199,7 +206,7 @@ def _differences(report: Report, one: _Pass, many: _Pass, template, mode: str) -
             report.differences.append((f"output {k}, {mode}", relative_difference(a, b)))
     if one.loss is not None:
         report.differences.append((f"loss, {mode}", relative_difference(many.loss, one.loss)))
-    pairs = zip(template.trainable_variables, many.grads, one.grads) if one.grads else ()
+    pairs = list(zip(template.trainable_variables, many.grads, one.grads)) if one.grads else []
     grads = [
         (
             v,
@@ -216,6 +223,11 @@ def _differences(report: Report, one: _Pass, many: _Pass, template, mode: str) -
     for variable, a, b in grads:
         value = relative_difference(a, b, floor=max(1e-2 * scale, 1e-12))
         report.differences.append((f"gradient {variable.path}, {mode}", value))
+    for variable, a, b in pairs:
+        if isinstance(a, tf.IndexedSlices) and isinstance(b, tf.IndexedSlices):
+            # What Adam, RMSprop and Adagrad see: each row squared before rows are added.
+            value = relative_difference(_squared_rows(a), _squared_rows(b))
+            report.differences.append((f"gradient {variable.path} rows squared, {mode}", value))
     for path in sorted(set(one.state) | set(many.state)):
         a, b = many.state.get(path), one.state.get(path)
         value = float("inf") if a is None or b is None else relative_difference(a, b)

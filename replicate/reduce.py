@@ -160,12 +160,37 @@ def add(values: Sequence[Grad]) -> Grad:
     if len(present) == 1:
         return present[0]
     if all(isinstance(v, tf.IndexedSlices) for v in present):
-        return tf.IndexedSlices(
-            tf.concat([v.values for v in present], axis=0),
-            tf.concat([v.indices for v in present], axis=0),
-            present[0].dense_shape,
-        )
+        return _add_slices(present)
     return tf.add_n([tf.convert_to_tensor(v) for v in present])
+
+
+def _add_slices(slices: Sequence[tf.IndexedSlices]) -> tf.IndexedSlices:
+    """Sums `IndexedSlices` with the rows one device would have.
+
+    Keras' optimizers treat each row of an `IndexedSlices` on its own before
+    rows of the same index are added (Adam, RMSprop and Adagrad square each
+    row: `ops.square` keeps the slices), so the rows themselves must be one
+    device's, not only their sum. A lookup per sample (`Embedding` on the
+    inputs) gives one row per looked-up id on one device: the towers' rows
+    put together. A lookup the batch does not shape (a position embedding
+    looked up at `arange(length)`, added to every sample) gives its rows
+    once on one device and once per tower here: where every tower's
+    indices have the same static shape and the same values, the towers'
+    values are added row by row into the first tower's rows (the others'
+    rows become zeros, which no optimizer sees).
+    """
+    indices = tf.concat([s.indices for s in slices], axis=0)
+    values = tf.concat([s.values for s in slices], axis=0)
+    shapes = {tuple(s.indices.shape) for s in slices}
+    if len(shapes) != 1 or not slices[0].indices.shape.is_fully_defined():
+        return tf.IndexedSlices(values, indices, slices[0].dense_shape)
+    first = slices[0].indices
+    same = tf.reduce_all([tf.reduce_all(tf.equal(first, s.indices)) for s in slices[1:]])
+    folded = tf.concat(
+        [tf.add_n([s.values for s in slices])] + [tf.zeros_like(s.values) for s in slices[1:]],
+        axis=0,
+    )
+    return tf.IndexedSlices(tf.where(same, folded, values), indices, slices[0].dense_shape)
 
 
 def weighted_sum(per_tower: Sequence[Sequence[Grad]], weights: tf.Tensor) -> list[Grad]:

@@ -8,6 +8,7 @@ other floating-point scalars are averaged over every process's samples.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,6 +83,7 @@ def exchange(
     """
     if backend.size == 1:
         return list(grads), logs
+    warn_sparse(template, grads)
     metrics = template.metrics
     variables = [v for m in metrics for v in m.variables]
     keyed = logs if isinstance(logs, dict) else {}
@@ -110,3 +112,31 @@ def exchange(
         out.update((k, v) for k, v in items if k in keyed)
     out.update(zip(rest, means))
     return grads, out
+
+
+def warn_sparse(template: keras.Model, grads: Sequence[Any]) -> None:
+    """Warns, while the step is traced, of sparse gradients summed densely across processes.
+
+    Across processes every gradient travels dense, so rows of one index are
+    added before the optimizer sees them. Keras' Adam, RMSprop and Adagrad
+    square each row of a sparse (`IndexedSlices`) gradient first: where an
+    id appears more than once in a global batch, their update differs from
+    one device's. SGD (linear in the gradient) is exact.
+    """
+    optimizer = getattr(template, "optimizer", None)
+    if optimizer is None or isinstance(optimizer, keras.optimizers.SGD):
+        return
+    names = [
+        v.path
+        for v, g in zip(template.trainable_variables, grads)
+        if isinstance(g, tf.IndexedSlices)
+    ]
+    if names:
+        warnings.warn(
+            f"replicate: the gradients of {', '.join(f'`{n}`' for n in names)} are sparse "
+            "(an embedding lookup) and are summed densely across processes, while "
+            f"{type(optimizer).__name__} on one device squares each looked-up row on its own: "
+            "where an id appears more than once in a global batch, those rows train slightly "
+            "differently from one device. SGD is exact; within one process the towers are.",
+            stacklevel=2,
+        )

@@ -30,6 +30,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -577,7 +578,23 @@ def agree(out, backend):
         results[f"stop_{where}"] = stop_case(out, backend, where)
     results["written"] = written_case(out, backend)
     results["shuffle"] = shuffle_case(backend)
+    results["sparse"] = {o: sparse_case(backend, o) for o in ("adam", "sgd")}
     (out / f"agree_rank{backend.rank}.json").write_text(json.dumps(results))
+
+
+def sparse_case(backend, optimizer):
+    """An embedding's sparse gradient across processes: what the step warns (if anything)."""
+    keras.utils.set_random_seed(2)
+    tokens = keras.Input((5,), dtype="int32")
+    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(6, 4, name="ids")(tokens))
+    model = keras.Model(tokens, keras.layers.Dense(1)(pooled))
+    parallel = replicate.replicate(model, backend=backend, check=False)
+    parallel.compile(optimizer=optimizer, loss="mse")
+    x = np.random.default_rng(backend.rank).integers(0, 6, size=(16, 5)).astype("int32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parallel.fit(x, np.zeros((16, 1), "float32"), batch_size=8, epochs=1, verbose=0)
+    return [str(w.message) for w in caught if str(w.message).startswith("replicate")]
 
 
 def disagree(out, backend):

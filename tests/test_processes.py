@@ -417,6 +417,15 @@ def test_shard_refuses_a_dataset_shuffled_before_it(agreed):
     assert not first & second and first | second == set(range(64))
 
 
+def test_sparse_gradients_summed_densely_across_processes_are_named(agreed):
+    _, _, ranks = agreed
+    for rank in ranks:
+        (warning,) = set(rank["sparse"]["adam"])  # one message, however often traced
+        assert warning.startswith("replicate: the gradients of `ids/embeddings` are sparse")
+        assert "Adam on one device squares each looked-up row" in warning
+        assert rank["sparse"]["sgd"] == []  # linear in the gradient: exact, nothing to say
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_processes_that_disagree_stop_at_once_naming_both_positions(backend, tmp_path):
     result, _ = launch(backend, "disagree", tmp_path, timeout=300)

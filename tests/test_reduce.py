@@ -121,6 +121,8 @@ import keras  # noqa: E402
 import keras_releases  # noqa: E402
 from equivalence import assert_same_as_one_device  # noqa: E402
 
+import replicate  # noqa: E402
+
 RNG = np.random.default_rng(31)
 
 
@@ -164,3 +166,66 @@ def test_ragged_and_sparse_batches_train_as_on_one_device(make, data, devices):
         model.compile(optimizer=keras.optimizers.SGD(0.5), loss="binary_crossentropy")
 
     assert_same_as_one_device(make, compile_model, data(), devices=devices)
+
+
+# -- embeddings: the rows of a sparse gradient, as Keras' optimizers see them ------------
+
+
+class _AddPosition(keras.layers.Layer):
+    """keras.io's position embedding: one lookup at arange(length), added to every sample
+    (re-expressed from the TokenAndPositionEmbedding layer of the text examples)."""
+
+    def __init__(self, length, width, **kwargs):
+        super().__init__(**kwargs)
+        self.positions = keras.layers.Embedding(length, width)
+
+    def call(self, x):
+        return x + self.positions(keras.ops.arange(0, keras.ops.shape(x)[1], 1))
+
+
+def _positions_model():
+    keras.utils.set_random_seed(12)
+    inputs = keras.Input((4, 8))
+    return keras.Model(inputs, keras.layers.Dense(1)(_AddPosition(4, 8)(inputs)))
+
+
+def _tokens_model():
+    keras.utils.set_random_seed(13)
+    tokens = keras.Input((5,), dtype="int32")
+    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(6, 4)(tokens))
+    return keras.Model(tokens, keras.layers.Dense(1)(pooled))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop", "adagrad"])
+def test_a_lookup_every_sample_shares_trains_as_on_one_device(optimizer, devices):
+    # Adam, RMSprop and Adagrad square each row of a sparse gradient before adding rows of
+    # the same index: a position table's rows must come once, as on one device, not once
+    # per tower (which moved the table 6e-4 away in one Adam step on 3 towers).
+    x = RNG.normal(size=(50, 4, 8)).astype("float32")
+    y = RNG.normal(size=(50, 1)).astype("float32")
+    assert_same_as_one_device(
+        _positions_model,
+        lambda m: m.compile(optimizer=optimizer, loss="mse"),
+        x,
+        y,
+        devices=devices,
+    )
+
+
+def test_a_lookup_per_sample_with_repeated_ids_trains_as_on_one_device(devices):
+    # Ids repeat inside and across the towers' slices: one device has a row per lookup.
+    x = RNG.integers(0, 6, size=(50, 5)).astype("int32")
+    y = RNG.normal(size=(50, 1)).astype("float32")
+    assert_same_as_one_device(
+        _tokens_model, lambda m: m.compile(optimizer="adam", loss="mse"), x, y, devices=devices
+    )
+
+
+def test_the_check_compares_the_rows_an_optimizer_squares(devices):
+    model = _positions_model()
+    model.compile(optimizer="adam", loss="mse")
+    x = RNG.normal(size=(9, 4, 8)).astype("float32")
+    report = replicate.check(model, x, RNG.normal(size=(9, 1)), devices=devices[:3])
+    rows = [v for k, v in report.differences if "embeddings rows squared" in k]
+    assert len(rows) == 1 and rows[0] <= report.rtol, str(report)  # training=True
+    assert report.exact
