@@ -35,11 +35,19 @@ from replicate.demo import load_digits, make_convnet  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=["local", "horovod", "collective"], default="local")
+    parser.add_argument(
+        "--backend",
+        choices=["local", "horovod", "collective"],
+        default="local",
+        help="local: one process (default); horovod under horovodrun; collective under "
+        "replicate launch",
+    )
     parser.add_argument("--devices", type=int, default=2, help="towers per process")
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=12, help="default 12")
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
-    parser.add_argument("--output", default="digits_convnet.keras")
+    parser.add_argument(
+        "--output", default="digits_convnet.keras", help="where rank 0 saves the model"
+    )
     args = parser.parse_args()
 
     # Before TensorFlow starts: simulated devices (no GPU), then the backend
@@ -68,6 +76,7 @@ def main() -> None:
     parallel.fit(
         train,
         epochs=args.epochs,
+        shuffle=False,  # the dataset shuffles after sharding (above); fit cannot shuffle it
         verbose=2,
         callbacks=[LearningRateWarmup(rate, warmup_epochs=2)],
     )

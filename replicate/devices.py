@@ -120,8 +120,8 @@ def validate_devices(devices: list[str] | tuple[str, ...] | None) -> list[str]:
     if not devices:
         raise ValueError(
             "`devices` must be a non-empty list of device names. Received: "
-            f"devices={list(devices)!r}. Pass None to use every GPU "
-            f"({list_devices()} here)."
+            f"devices={list(devices)!r}. Pass None to use every tower device: the GPUs, "
+            f"else the simulated CPU devices ({list_devices()} here)."
         )
     names = [canonical_device(d, argument="devices") for d in devices]
     seen = set()

@@ -46,8 +46,13 @@ def test_missing_device_lists_available_ones():
 
 
 def test_empty_device_list():
-    with pytest.raises(ValueError, match=r"non-empty list.*Received: devices=\[\]"):
+    with pytest.raises(ValueError, match=r"non-empty list.*Received: devices=\[\]") as raised:
         validate_devices([])
+    # What None means, with the devices it would take here (simulated CPUs on this machine).
+    assert "Pass None to use every tower device: the GPUs, else the simulated CPU" in str(
+        raised.value
+    )
+    assert "'/cpu:0'" in str(raised.value)
 
 
 def test_duplicate_devices():
