@@ -156,19 +156,30 @@ def launcher(backend: str) -> list[str]:
     return [str(bin_dir / "replicate"), "launch", "--nproc", "2", "--"]
 
 
-def _agreement(args, info: dict[str, Any]) -> dict[str, Any]:
-    from replicate.backends.horovod import build_info
-
-    spec = {
-        "kind": "agreement",
+def job_spec(args, kind: str) -> dict[str, Any]:
+    """The settings of a benchmark made of 2-process jobs (`--batch`, `--steps`, `--repeats`)."""
+    return {
+        "kind": kind,
         "batch": args.batch or 64,
         "steps": args.steps or (100 if args.quick else 300),
         "repeats": args.repeats or (3 if args.quick else 6),
     }
+
+
+def backend_jobs(
+    spec: dict[str, Any], jobs: int
+) -> dict[str, tuple[dict[str, list[float]], dict[str, Any]]]:
+    """Runs `jobs` 2-process jobs of the worker under each installed backend.
+
+    Returns:
+        `{backend: (times, last)}`: each contender's milliseconds per step over
+        every job, and the last job's whole result.
+    """
+    from replicate.backends.horovod import build_info
+
     backends = ["collective"] + (["horovod"] if build_info()["installed"] else [])
-    jobs = args.processes or 2
-    progress = runner.progress(jobs * len(backends), "agreement")
-    records: dict[str, Any] = {}
+    progress = runner.progress(jobs * len(backends), spec["kind"])
+    results = {}
     for backend in backends:
         times: dict[str, list[float]] = {}
         for _ in range(jobs):
@@ -178,6 +189,14 @@ def _agreement(args, info: dict[str, Any]) -> dict[str, Any]:
             for key, values in out["times"].items():
                 times.setdefault(key, []).extend(values)
             progress.add(1)
+        results[backend] = (times, out)
+    return results
+
+
+def _agreement(args, info: dict[str, Any]) -> dict[str, Any]:
+    spec = job_spec(args, "agreement")
+    records: dict[str, Any] = {}
+    for backend, (times, _) in backend_jobs(spec, args.processes or 2).items():
         records[backend] = {
             k: {"ms_per_step_median": runner.median(v), "ms_per_step_best": min(v), "samples": v}
             for k, v in times.items()

@@ -77,32 +77,14 @@ def worker(spec: dict[str, Any]) -> None:
 
 def run(args) -> dict[str, Any]:
     """The `profile` command: one or more 2-process jobs per installed backend."""
-    from replicate.backends.horovod import build_info
-    from replicate.bench.checks import launcher
+    from replicate.bench.checks import backend_jobs, job_spec
 
-    spec = {
-        "kind": "profile",
-        "batch": args.batch or 64,
-        "steps": args.steps or (100 if args.quick else 300),
-        "repeats": args.repeats or (3 if args.quick else 6),
-    }
-    backends = ["collective"] + (["horovod"] if build_info()["installed"] else [])
+    spec = job_spec(args, "profile")
     jobs = args.processes or 1
-    progress = runner.progress(jobs * len(backends), "profile")
     records: dict[str, Any] = {}
-    for backend in backends:
-        times: dict[str, list[float]] = {}
-        threads = None
-        for _ in range(jobs):
-            out = runner.run_worker(
-                "replicate.bench.worker", {**spec, "backend": backend}, launcher=launcher(backend)
-            )
-            threads = out["threads"]
-            for key, values in out["times"].items():
-                times.setdefault(key, []).extend(values)
-            progress.add(1)
+    for backend, (times, last) in backend_jobs(spec, jobs).items():
         records[backend] = {
-            "threads": threads,
+            "threads": last["threads"],
             **{
                 k: {"ms_per_step_median": runner.median(v), "ms_per_step_best": min(v)}
                 for k, v in times.items()
