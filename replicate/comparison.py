@@ -284,6 +284,18 @@ def _name_causes(report: Report, template: keras.Model) -> None:
             "tower's, weighted by its share; add it as a mean or one row per sample, or "
             f"compute it in `compute_loss` ({what}: {worst:.2e})"
         )
+    squared = [(k, v) for k, v in training if " rows squared, " in k]
+    if squared and len(squared) == len(training):
+        names = ", ".join(
+            f"`{k[len('gradient ') :].split(' rows squared')[0]}`" for k, _ in squared
+        )
+        report.causes.append(
+            f"the sparse gradients of {names} have other rows through the towers than on one "
+            "device (one device gives one row per id in the batch, the towers one per id per "
+            "tower): their sums agree, but Adam, RMSprop and Adagrad square each row before "
+            f"adding them, so those optimizers update them differently (max relative "
+            f"difference {max(v for _, v in squared):.2e}); SGD is exact"
+        )
     step = report.differing("step result") + report.differing("update of")
     if step:
         what, worst = max(step, key=lambda item: item[1])

@@ -229,3 +229,20 @@ def test_the_check_compares_the_rows_an_optimizer_squares(devices):
     rows = [v for k, v in report.differences if "embeddings rows squared" in k]
     assert len(rows) == 1 and rows[0] <= report.rtol, str(report)  # training=True
     assert report.exact
+
+
+def test_the_check_names_sparse_rows_an_optimizer_squares_apart(devices):
+    # A sparse batch through Dense: Keras looks up the batch's unique feature ids, one row per
+    # id on one device, one per id per tower here. The sums agree; Adam's squares do not.
+    keras.utils.set_random_seed(14)
+    model = keras.Sequential([keras.Input((12,), sparse=True), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    dense = (RNG.random((9, 12)) < 0.5) * RNG.normal(size=(9, 12))
+    x = tf.sparse.from_dense(dense.astype("float32"))
+    report = replicate.check(model, x, RNG.normal(size=(9, 2)), devices=devices[:3])
+    (cause,) = report.causes
+    assert cause.startswith(
+        f"the sparse gradients of `{model.layers[0].kernel.path}` have other rows through the "
+        "towers than on one device"
+    )
+    assert "SGD is exact" in cause
