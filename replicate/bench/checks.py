@@ -197,10 +197,7 @@ def _agreement(args, info: dict[str, Any]) -> dict[str, Any]:
     spec = job_spec(args, "agreement")
     records: dict[str, Any] = {}
     for backend, (times, _) in backend_jobs(spec, args.processes or 2).items():
-        records[backend] = {
-            k: {"ms_per_step_median": runner.median(v), "ms_per_step_best": min(v), "samples": v}
-            for k, v in times.items()
-        }
+        records[backend] = {k: {**runner.summary(v), "samples": v} for k, v in times.items()}
         # Each round times both, one right after the other: the ratio within a round
         # shares the machine's state (load from other jobs changes over seconds).
         pairs = zip(times["with token"], times["without token"], strict=True)
@@ -248,10 +245,7 @@ def run(args) -> dict[str, Any]:
             "benchmark": "consistency",
             "machine": info,
             "settings": spec,
-            "records": {
-                k: {"ms_per_step_median": runner.median(v), "ms_per_step_best": min(v)}
-                for k, v in times.items()
-            },
+            "records": {k: runner.summary(v) for k, v in times.items()},
         }
     markdown = precision_markdown if args.command == "precision" else consistency_markdown
     report.write(payload, Path(args.output), markdown)

@@ -85,10 +85,7 @@ def run(args) -> dict[str, Any]:
     for backend, (times, last) in backend_jobs(spec, jobs).items():
         records[backend] = {
             "threads": last["threads"],
-            **{
-                k: {"ms_per_step_median": runner.median(v), "ms_per_step_best": min(v)}
-                for k, v in times.items()
-            },
+            **{k: runner.summary(v) for k, v in times.items()},
         }
     payload = {
         "benchmark": "profile",

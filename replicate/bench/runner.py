@@ -76,6 +76,11 @@ def median(values: Iterable[float]) -> float:
     return float(statistics.median(list(values)))
 
 
+def summary(values: list[float]) -> dict[str, float]:
+    """Milliseconds per step over repeats, as the reports keep them: median and best."""
+    return {"ms_per_step_median": median(values), "ms_per_step_best": min(values)}
+
+
 def progress(total: int, label: str) -> Any:
     """A progress bar over `total` benchmark runs: Keras' own `Progbar`.
 
