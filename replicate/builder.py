@@ -114,7 +114,8 @@ class ReplicaBuilder:
             )
         self.model = model
         self.backend = backend
-        self.errors = tower_errors.TowerErrors(self.devices)
+        with tf.device(self.variable_device):
+            self.errors = tower_errors.TowerErrors(self.devices)
         if require_weights:
             self.require_weights()
         self.tower_pass = TowerPass(model)
@@ -122,6 +123,7 @@ class ReplicaBuilder:
             model, first_tower=self.global_tower(0), backend=backend
         )
         self.jit_compile = jit_compile
+        self.train_traces = 0  # how many times a training pass was traced (its Python ran)
 
     def require_weights(self) -> None:
         """Raises `ValueError` if the model has no weights yet (see the class's Raises)."""
@@ -281,6 +283,11 @@ class ReplicaBuilder:
         with tf.device(self.variable_device):
             return [tf.convert_to_tensor(v.value) for v in self.model.non_trainable_variables]
 
+    def _weight_values(self) -> list[tf.Tensor]:
+        """The trainable weights, read once on the variable device for every tower."""
+        with tf.device(self.variable_device):
+            return [tf.convert_to_tensor(v.value) for v in self.model.trainable_variables]
+
     def forward_passes(self, group: TowerGroup, slices: reduce.Slices, training: bool, watch: bool):
         """Every tower's forward pass, and the step's starting state values."""
         self.require_weights()
@@ -291,7 +298,10 @@ class ReplicaBuilder:
                 [v.value for v in row_variables], self.num_towers, sizes=slices.sizes
             ).parts
 
-        shared = not group.threaded  # towers that meet mid-pass are traced each on its own
+        # Towers that meet mid-pass are traced each on its own; one tower is traced inline
+        # in the step, as Keras traces a model (a function call costs it start-up).
+        shared = not group.threaded and self.num_towers > 1
+        weights = None if group.threaded else self._weight_values()
 
         def forward(i):
             with tower_errors.describing(i, self.devices, slices.batch):
@@ -304,6 +314,7 @@ class ReplicaBuilder:
                     training,
                     watch=watch,
                     shared=shared,
+                    weights=weights,
                 )
 
         return group.run(forward), values
@@ -351,6 +362,8 @@ class ReplicaBuilder:
                 global gradient, to be summed over processes.
         """
         model = self.model
+        if not tf.executing_eagerly():
+            self.train_traces += 1
         slices = self.slices(x)
         group = self.group(slices)
         towers, values = self.forward_passes(group, slices, True, True)

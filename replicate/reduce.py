@@ -193,7 +193,20 @@ def _add_slices(slices: Sequence[tf.IndexedSlices]) -> tf.IndexedSlices:
     return tf.IndexedSlices(tf.where(same, folded, values), indices, slices[0].dense_shape)
 
 
-def weighted_sum(per_tower: Sequence[Sequence[Grad]], weights: tf.Tensor) -> list[Grad]:
+def each(values: tf.Tensor | Sequence[tf.Tensor], n: int) -> list[tf.Tensor]:
+    """A `(towers,)` tensor as one scalar per tower (a list is returned as it is).
+
+    Splitting once, where a step combines many variables, spares one slicing op per
+    variable and tower in the traced step.
+    """
+    if isinstance(values, (list, tuple)):
+        return list(values)
+    return tf.unstack(values, num=n)
+
+
+def weighted_sum(
+    per_tower: Sequence[Sequence[Grad]], weights: tf.Tensor | Sequence[tf.Tensor]
+) -> list[Grad]:
     """Sums per-tower lists of values (dense, `IndexedSlices` or `None`) with weights.
 
     With `weights = tower_weights(sizes)` and each tower's gradient taken of
@@ -202,11 +215,12 @@ def weighted_sum(per_tower: Sequence[Sequence[Grad]], weights: tf.Tensor) -> lis
 
     Args:
         per_tower: One list per tower, all of the same length.
-        weights: A `(towers,)` tensor.
+        weights: A `(towers,)` tensor, or its scalars (`each`).
 
     Returns:
         One value per position; `None` where every tower had `None`.
     """
+    weights = each(weights, len(per_tower))
     if len(per_tower) == 1:
         return [scale(v, weights[0]) if v is not None else None for v in per_tower[0]]
     scaled = [[scale(v, weights[i]) for v in values] for i, values in enumerate(per_tower)]
@@ -217,8 +231,8 @@ def combine_state(
     aggregation: str,
     old: tf.Tensor,
     news: Sequence[tf.Tensor],
-    weights: tf.Tensor,
-    present: tf.Tensor,
+    weights: tf.Tensor | Sequence[tf.Tensor],
+    present: tf.Tensor | Sequence[tf.Tensor],
 ) -> tf.Tensor:
     """One variable's new value from the values its towers left, by its `aggregation`.
 
@@ -231,9 +245,11 @@ def combine_state(
     - `"only_first_replica"`, and `"none"` for other dtypes (integers, seeds):
       tower 0's value.
 
-    Towers without real samples (`present` 0) contribute nothing.
+    Towers without real samples (`present` 0) contribute nothing. `weights` and
+    `present` are `(towers,)` tensors or their scalars (`each`).
     """
     dtype = tf.as_dtype(old.dtype)
+    present = each(present, len(news))
     if aggregation == "sum":
         changes = [
             tf.math.multiply_no_nan(new - old, tf.cast(present[i], dtype))
@@ -248,5 +264,5 @@ def combine_state(
             return tf.cast(tf.round(total), dtype)
         combined = weighted_sum([[n] for n in news], weights)[0]
         # An entirely empty batch leaves the state as it was.
-        return tf.where(tf.reduce_sum(present) > 0, combined, old)
+        return tf.where(tf.add_n(present) > 0, combined, old)
     return news[0]

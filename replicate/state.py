@@ -96,6 +96,7 @@ class StateWriter:
         """
         out: list[tuple[Any, tf.Tensor]] = []
         combined: list[tuple[Any, tf.Tensor, tf.Tensor]] = []
+        weights = present = None  # each tower's share and presence, split once
         for j, variable in enumerate(variables):
             news = [updates[j] for updates in per_tower]
             if all(new is None for new in news):
@@ -111,9 +112,10 @@ class StateWriter:
             if warn and (len(news) > 1 or (self.backend is not None and self.backend.size > 1)):
                 self._warn_default_aggregation(variable)
             news = [old[j] if new is None else new for new in news]
-            value = reduce.combine_state(
-                variable.aggregation, old[j], news, slices.weights, slices.present
-            )
+            if weights is None:
+                weights = reduce.each(slices.weights, len(news))
+                present = reduce.each(slices.present, len(news))
+            value = reduce.combine_state(variable.aggregation, old[j], news, weights, present)
             combined.append((variable, old[j], value))
         if processes and combined and self.backend is not None and self.backend.size > 1:
             combined = self._over_processes(combined, tf.reduce_sum(slices.sizes))

@@ -211,15 +211,20 @@ class TowerPass:
     def _call_function(self, shared: bool) -> Callable[..., Any]:
         """The forward call: one traced function that every tower calls under its device
         scope (an XLA computation with `jit_compile`), so that the model is traced once
-        whatever the number of towers; inline where the towers meet mid-pass
-        (`shared=False`: synchronized layers) or run eagerly."""
+        whatever the number of towers; the model's own Python, traced inline, where the
+        towers meet mid-pass (`shared=False`: synchronized layers), where there is one
+        tower (`shared=False`), or eagerly.
+
+        The function is inlined into the step where it is called (TensorFlow's default):
+        its ops take the calling tower's device, and an error names `tower_i/`. AutoGraph
+        is off, as in Keras' own step functions, so Python control flow in a model
+        behaves as it does on one device.
+        """
         if not self.jit_compile and (not shared or tf.executing_eagerly()):
             return self._call
         if self.jit_compile not in self._functions:
-            # Inlined into the step where it is called (TensorFlow's default): its ops
-            # take the calling tower's device, and an error names `tower_i/` as before.
             self._functions[self.jit_compile] = tf.function(
-                self._call, jit_compile=self.jit_compile, reduce_retracing=True
+                self._call, jit_compile=self.jit_compile, reduce_retracing=True, autograph=False
             )
         return self._functions[self.jit_compile]
 
@@ -234,6 +239,7 @@ class TowerPass:
         *,
         watch: bool = True,
         shared: bool = True,
+        weights: list | None = None,
     ) -> Tower:
         """The forward pass of one tower on `part` (its slice, `size` real rows).
 
@@ -246,9 +252,14 @@ class TowerPass:
             training: The model's `training` argument.
             watch: Keep a tape for the backward pass.
             shared: Call the one traced forward function (see `_call_function`);
-                `False` where the towers meet in the middle of the pass.
+                `False` where the towers meet in the middle of the pass, and for a
+                single tower.
+            weights: The trainable variables' values, read once for every tower
+                (`None`: read here).
         """
-        trainable = [tf.identity(v.value) for v in self.model.trainable_variables]
+        if weights is None:
+            weights = [v.value for v in self.model.trainable_variables]
+        trainable = [tf.identity(w) for w in weights]  # this tower's copy, on its device
         tape = tf.GradientTape(watch_accessed_variables=False)
         with tape if watch else contextlib.nullcontext():
             if watch:

@@ -91,12 +91,20 @@ class TowerErrors:
     def __init__(self, devices: Sequence[str]) -> None:
         self.devices = list(devices)
         self._batch: tf.Variable | None = None
+        if not tf.inside_function():
+            # Created here, not at the first step: a variable created while `fit`'s step
+            # is traced makes `tf.function` trace the whole step a second time.
+            self._batch = self._variable()
+
+    @staticmethod
+    def _variable() -> tf.Variable:
+        with tf.init_scope():
+            return tf.Variable(-1, trainable=False, dtype=tf.int32, name="replicate_batch")
 
     def record(self, size: tf.Tensor) -> None:
         """Records the size of the global batch being cut (inside a step, or eagerly)."""
         if self._batch is None:
-            with tf.init_scope():
-                self._batch = tf.Variable(-1, trainable=False, dtype=tf.int32)
+            self._batch = self._variable()
         self._batch.assign(tf.cast(size, tf.int32))
 
     def describe(self, error: tf.errors.OpError) -> tf.errors.OpError | None:

@@ -121,6 +121,9 @@ def _traced(towers, devices):
     _classifier(parallel)
     parallel.fit(X, Y, batch_size=16, epochs=2, shuffle=False, verbose=0)
     parallel.evaluate(X, Y, batch_size=16, verbose=0)
+    # The step is traced once: nothing replicate creates at its first trace (a variable)
+    # makes `tf.function` trace it again.
+    assert parallel.builder.train_traces == 1, parallel.builder.train_traces
     return parallel.builder.tower_pass.traces
 
 
