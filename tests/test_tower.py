@@ -127,6 +127,40 @@ def _traced(towers, devices):
     return parallel.builder.tower_pass.traces
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "rmsprop", "sgd_momentum"])
+@pytest.mark.parametrize("towers", [1, 2])
+def test_the_step_is_traced_once_with_state_metrics_and_slots(optimizer, towers, devices):
+    # What a model and its optimizer keep (BatchNormalization statistics, Dropout's seed,
+    # slots) and the first-fit check create nothing while the step is traced, so
+    # `tf.function` traces each step once: each trace of a wide step costs seconds. One
+    # tower is traced inline: its forward pass runs once per trace. (Compiled metrics are
+    # still built by Keras in the first trace, which then runs twice, as on one device.)
+    keras.utils.set_random_seed(6)
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(3),
+        ]
+    )
+    parallel = replicate.replicate(model, devices[:towers])
+    chosen = (
+        keras.optimizers.SGD(0.1, momentum=0.9)
+        if optimizer == "sgd_momentum"
+        else keras.optimizers.get(optimizer)
+    )
+    parallel.compile(
+        optimizer=chosen,
+        loss=keras.losses.SparseCategoricalCrossentropy(True),
+    )
+    parallel.fit(X, Y, batch_size=16, epochs=2, verbose=0)
+    parallel.evaluate(X, Y, batch_size=16, verbose=0)
+    assert parallel.builder.train_traces == 1, parallel.builder.train_traces
+    assert parallel.builder.tower_pass.traces == 2, parallel.builder.tower_pass.traces
+
+
 def test_the_forward_pass_is_traced_once_whatever_the_number_of_towers(devices):
     # Start-up grows with the towers only in TensorFlow's work, not in Python tracing:
     # every tower calls one function, traced once per training flag and step function.
