@@ -56,14 +56,32 @@ def head(t: Any, n: int) -> Any:
     return t[:n]
 
 
-def ensure_weights(template: keras.Model, builder: Any, call: dict[str, Any]) -> None:
-    """Builds `template` from the first batch of `call` if it has no weights yet.
+def ensure_weights(
+    template: keras.Model, builder: Any, call: dict[str, Any], *, compiled: bool = False
+) -> None:
+    """Builds `template` from the first batch of `call` if it has no weights yet; with
+    `compiled`, its compiled metrics and loss too (`fit`, `evaluate`).
+
+    Keras builds compiled metrics at the first step it traces when no distribution
+    strategy is set; their variables, created inside that trace, make `tf.function`
+    trace the whole step a second time, which for a step of many towers costs seconds.
+    Built here from the first batch, as Keras' `fit` does under a strategy, the step is
+    traced once. Data that cannot be looked into (a generator), or a model that Keras
+    cannot call symbolically, leaves them to Keras' first trace, as on one device.
 
     Raises:
-        ValueError: If it has none and the data cannot be looked into (a
+        ValueError: If it has no weights and the data cannot be looked into (a
             generator): the message says how to build the model first.
     """
     if template.variables:
+        if compiled and _keras_compat.compiled_unbuilt(template):
+            batch = first_batch(call)
+            if batch is not None:
+                try:
+                    with tf.device(builder.variable_device):
+                        _keras_compat.symbolic_build(template, batch)
+                except Exception:  # noqa: BLE001 - only a head start: Keras builds them later
+                    pass
         return
     batch = first_batch(call)
     if batch is None:

@@ -271,7 +271,7 @@ class ReplicatedModel(keras.Model):
         """
         call = processes.bind(keras.Model.fit, self, args, kwargs)
         migration.refuse(self.template, callbacks=call.get("callbacks"))
-        building.ensure_weights(self.template, self._builder, call)
+        building.ensure_weights(self.template, self._builder, call, compiled=True)
         checking.at_first_fit(self, call, self.check)
         self.check = False  # once
         if self._backend.size == 1:
@@ -286,7 +286,7 @@ class ReplicatedModel(keras.Model):
         Every process calls it; on one process alone use `parallel.template.evaluate`.
         """
         call = processes.bind(keras.Model.evaluate, self, args, kwargs)
-        building.ensure_weights(self.template, self._builder, call)
+        building.ensure_weights(self.template, self._builder, call, compiled=True)
         if self._backend.size == 1:
             return super().evaluate(**call)
         with processes.failures(self._backend, during="evaluate"):

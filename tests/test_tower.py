@@ -133,8 +133,9 @@ def test_the_step_is_traced_once_with_state_metrics_and_slots(optimizer, towers,
     # What a model and its optimizer keep (BatchNormalization statistics, Dropout's seed,
     # slots) and the first-fit check create nothing while the step is traced, so
     # `tf.function` traces each step once: each trace of a wide step costs seconds. One
-    # tower is traced inline: its forward pass runs once per trace. (Compiled metrics are
-    # still built by Keras in the first trace, which then runs twice, as on one device.)
+    # tower is traced inline: its forward pass runs once per trace. Compiled metrics are
+    # built from the first batch before the step is traced (on one device Keras builds
+    # them inside the first trace, and traces twice).
     keras.utils.set_random_seed(6)
     model = keras.Sequential(
         [
@@ -154,6 +155,7 @@ def test_the_step_is_traced_once_with_state_metrics_and_slots(optimizer, towers,
     parallel.compile(
         optimizer=chosen,
         loss=keras.losses.SparseCategoricalCrossentropy(True),
+        metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(2)],
     )
     parallel.fit(X, Y, batch_size=16, epochs=2, verbose=0)
     parallel.evaluate(X, Y, batch_size=16, verbose=0)

@@ -26,6 +26,7 @@ from replicate._keras_compat.keras_internals import (
     _global_state,
     any_batch_size,
     compiled_loss,
+    compiled_unbuilt,
     compute_loss,
     get_global_attribute,
     get_logits,
@@ -67,6 +68,7 @@ __all__ = [
     "any_batch_size",
     "check_peer_health",
     "compiled_loss",
+    "compiled_unbuilt",
     "compute_loss",
     "configure_collectives",
     "dataset_inputs",
@@ -104,6 +106,14 @@ def _probe_model() -> keras.Model:
     return model
 
 
+def _probe_metrics() -> bool:
+    model = _probe_model()
+    model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+    if not compiled_unbuilt(model):  # the attributes it reads are gone
+        raise AttributeError("`_compile_metrics` or its `built` flag")
+    return True
+
+
 def verify() -> list[str]:
     """Checks that every internal above exists in the installed Keras and TensorFlow.
 
@@ -128,6 +138,7 @@ def verify() -> list[str]:
         ("backend.common.KerasVariable", lambda: is_variable(rnn)),
         ("Model._compile_loss", lambda: model._compile_loss),
         ("Trainer._symbolic_build", lambda: model._symbolic_build),
+        ("Trainer._compile_metrics.built", _probe_metrics),
         ("Model._loss_tracker", lambda: model._loss_tracker),
         ("Layer._losses_override", lambda: model._losses_override),
         ("Layer._flatten_layers", lambda: model._flatten_layers),

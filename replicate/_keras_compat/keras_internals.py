@@ -164,6 +164,17 @@ def set_initial_epoch(model: keras.Model, epoch: int | None) -> None:
     model._initial_epoch = epoch
 
 
+def compiled_unbuilt(model: keras.Model) -> bool:
+    """Whether `model`'s compiled metrics or compiled loss are not built yet: Keras builds
+    them (creating their variables) at the first step it traces, unless a distribution
+    strategy made `fit` build them first (`CompileMetrics.built`, `CompileLoss.built`,
+    Keras 3.2-3.15)."""
+    return any(
+        getattr(model, attribute, None) is not None and not getattr(model, attribute).built
+        for attribute in ("_compile_metrics", "_compile_loss")
+    )
+
+
 def symbolic_build(model: keras.Model, data_batch: Any) -> None:
     """Builds `model` (its layers, compiled loss and metrics, optimizer) from one batch,
     as Keras' `fit` does before its first step (`Trainer._symbolic_build`, Keras 3.2-3.15)."""
