@@ -163,6 +163,27 @@ def test_the_step_is_traced_once_with_state_metrics_and_slots(optimizer, towers,
     assert parallel.builder.tower_pass.traces == 2, parallel.builder.tower_pass.traces
 
 
+@pytest.mark.parametrize("check", [True, False])
+@pytest.mark.parametrize("towers", [1, 2])
+def test_a_model_with_two_outputs_is_traced_once(towers, check, devices):
+    # Keras tracks each output's loss in variables of its own (`compile_loss/<output>_loss`),
+    # created where the compiled loss is built: before the step is traced, here.
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    outputs = [keras.layers.Dense(3, name="a")(hidden), keras.layers.Dense(1, name="b")(hidden)]
+    parallel = replicate.replicate(keras.Model(inputs, outputs), devices[:towers], check=check)
+    parallel.compile(
+        optimizer="adam",
+        loss={"a": keras.losses.SparseCategoricalCrossentropy(True), "b": "mse"},
+        loss_weights={"a": 1.0, "b": 0.5},
+    )
+    targets = {"a": Y, "b": X[:, :1]}
+    history = parallel.fit(X, targets, batch_size=16, epochs=1, verbose=0).history
+    assert {"a_loss", "b_loss"} <= set(history), history
+    assert parallel.builder.train_traces == 1, parallel.builder.train_traces
+
+
 def test_the_forward_pass_is_traced_once_whatever_the_number_of_towers(devices):
     # Start-up grows with the towers only in TensorFlow's work, not in Python tracing:
     # every tower calls one function, traced once per training flag and step function.
