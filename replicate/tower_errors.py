@@ -23,13 +23,22 @@ from replicate import _keras_compat, reduce
 _TOWER_SCOPE = re.compile(r"(?:^|[^\w])tower_(\d+)(?:_\d+)?/")
 
 
-def describe_tower(i: int, devices: Sequence[str], batch: int | None) -> str:
+# Words of TensorFlow's and Keras' errors about shapes, where a model that assumes the
+# batch size fails (a reshape, a matmul, a broadcast, a state of the wrong size).
+_ABOUT_SHAPES = re.compile(r"shape|dimension|incompatible|reshape|broadcast|size", re.IGNORECASE)
+
+
+def describe_tower(
+    i: int, devices: Sequence[str], batch: int | None, *, advice: bool = True
+) -> str:
     """What an error inside tower `i` should say: the batch was split, and how.
 
     Args:
         i: The tower.
         devices: Every tower's device.
         batch: The global batch's size, if known (`None` otherwise).
+        advice: Add the likely cause of a shape error (a model that assumes the batch
+            size) and its fix; errors of another kind get only where they came from.
     """
     counts = None if batch is None else reduce.split_counts(batch, len(devices))
     if counts is None:
@@ -39,13 +48,25 @@ def describe_tower(i: int, devices: Sequence[str], batch: int | None) -> str:
         )
     else:
         held = f"{counts[i]} of the global batch of {sum(counts)} samples (slices {counts})"
-    return (
+    where = (
         f"replicate: this error was raised in tower {i} of {len(devices)} (device "
-        f"{devices[i]}), which ran the model on {held}. Each tower sees only its slice: a "
-        "model that assumes the batch size (a reshape to a fixed batch, a hard-coded "
-        "`batch_size`, a state sized for the global batch) fails there. Use the batch's own "
-        "size (`ops.shape(x)[0]`, or -1 in a reshape)."
+        f"{devices[i]}), which ran the model on {held}."
     )
+    if not advice:
+        return where
+    return (
+        f"{where} Each tower sees only its slice: a model that assumes the batch size (a "
+        "reshape to a fixed batch, a hard-coded `batch_size`, a state sized for the global "
+        "batch) fails there. Use the batch's own size (`ops.shape(x)[0]`, or -1 in a reshape)."
+    )
+
+
+def about_shapes(message: str) -> bool:
+    """Whether an error's message speaks of shapes or sizes (`_ABOUT_SHAPES`), leaving out
+    the arguments Keras lists after it (`Arguments received by ...`, tensors printed with
+    their `shape=`)."""
+    message = message.split("Arguments received by")[0]
+    return _ABOUT_SHAPES.search(re.sub(r"shape=\(", "", message)) is not None
 
 
 @contextlib.contextmanager
@@ -57,7 +78,7 @@ def describing(i: int, devices: Sequence[str], batch: int | None) -> Iterator[No
         if not any(
             str(n).startswith("replicate: this error") for n in getattr(error, "__notes__", [])
         ):
-            error.add_note(describe_tower(i, devices, batch))
+            error.add_note(describe_tower(i, devices, batch, advice=about_shapes(str(error))))
         _keras_compat.pass_through_autograph(error)
         raise
 
@@ -76,7 +97,7 @@ def described(
     found = _TOWER_SCOPE.search(str(error))
     if found is None or int(found.group(1)) >= len(devices):
         return None
-    note = describe_tower(int(found.group(1)), devices, batch)
+    note = describe_tower(int(found.group(1)), devices, batch, advice=about_shapes(error.message))
     return type(error)(error.node_def, error.op, f"{error.message}\n\n{note}")
 
 

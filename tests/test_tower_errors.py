@@ -56,6 +56,33 @@ def test_an_error_while_tracing_a_tower_names_it(towers, slices, devices):
     ]
 
 
+class Gate(keras.layers.Layer):
+    """A Python `if` on a tensor: Keras' `fit` refuses it on one device, as here."""
+
+    def call(self, x):
+        if ops.sum(x) > 0:
+            return x
+        return -x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+@pytest.mark.parametrize("towers", [1, 2])
+def test_an_error_of_another_kind_names_the_tower_without_the_batch_size_advice(towers, devices):
+    model = keras.Sequential([keras.Input((8,)), Gate(), keras.layers.Dense(3)])
+    parallel = replicate.replicate(model, devices[:towers], check=False)
+    parallel.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(tf.errors.OperatorNotAllowedInGraphError) as raised:
+        parallel.fit(X, Y, batch_size=GLOBAL_BATCH, epochs=1, verbose=0)
+    slices = [GLOBAL_BATCH // towers] * towers
+    assert raised.value.__notes__ == [
+        f"replicate: this error was raised in tower 0 of {towers} (device /cpu:0), which ran "
+        f"the model on {slices[0]} of the global batch of {GLOBAL_BATCH} samples (slices "
+        f"{slices})."
+    ]
+
+
 @pytest.mark.parametrize("towers", [2, 3])
 def test_an_error_while_a_step_runs_names_the_tower(towers, devices):
     # A dataset whose batch size is known only when the step runs.
