@@ -178,9 +178,7 @@ def test_a_model_with_two_outputs_is_traced_once(towers, check, devices):
         loss={"a": keras.losses.SparseCategoricalCrossentropy(True), "b": "mse"},
         loss_weights={"a": 1.0, "b": 0.5},
     )
-    targets = {"a": Y, "b": X[:, :1]}
-    history = parallel.fit(X, targets, batch_size=16, epochs=1, verbose=0).history
-    assert {"a_loss", "b_loss"} <= set(history), history
+    parallel.fit(X, {"a": Y, "b": X[:, :1]}, batch_size=16, epochs=1, verbose=0)
     assert parallel.builder.train_traces == 1, parallel.builder.train_traces
 
 
