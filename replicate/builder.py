@@ -279,19 +279,15 @@ class ReplicaBuilder:
         """Non-trainable values as tower `i` sees them: its own random seeds."""
         return self.tower_pass.tower_state(self.global_tower(i), values)
 
-    def _state_values(self) -> list[tf.Tensor]:
+    def _read(self, variables: list[Any]) -> list[tf.Tensor]:
+        """The values of `variables`, read once on the variable device for every tower."""
         with tf.device(self.variable_device):
-            return [tf.convert_to_tensor(v.value) for v in self.model.non_trainable_variables]
-
-    def _weight_values(self) -> list[tf.Tensor]:
-        """The trainable weights, read once on the variable device for every tower."""
-        with tf.device(self.variable_device):
-            return [tf.convert_to_tensor(v.value) for v in self.model.trainable_variables]
+            return [tf.convert_to_tensor(v.value) for v in variables]
 
     def forward_passes(self, group: TowerGroup, slices: reduce.Slices, training: bool, watch: bool):
         """Every tower's forward pass, and the step's starting state values."""
         self.require_weights()
-        values = self._state_values()
+        values = self._read(self.model.non_trainable_variables)
         row_variables = row_states(self.model)
         with tf.device(self.variable_device):
             rows = reduce.tower_slices(
@@ -301,7 +297,7 @@ class ReplicaBuilder:
         # Towers that meet mid-pass are traced each on its own; one tower is traced inline
         # in the step, as Keras traces a model (a function call costs it start-up).
         shared = not group.threaded and self.num_towers > 1
-        weights = None if group.threaded else self._weight_values()
+        weights = None if group.threaded else self._read(self.model.trainable_variables)
 
         def forward(i):
             with tower_errors.describing(i, self.devices, slices.batch):
