@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import keras
 import tensorflow as tf
 
-from replicate import _keras_compat, reduce, state, tower_errors
+from replicate import _keras_compat, meeting, reduce, state, tower_errors
 from replicate import merge as _merge
 from replicate.devices import canonical_device, validate_devices
 from replicate.replica import TowerGroup
@@ -43,7 +43,9 @@ class ReplicaBuilder:
     combined once, so that a step equals the single-device step on the whole
     batch.
 
-    Every method works eagerly and inside the user's own `tf.function`.
+    Every method works eagerly and inside the user's own `tf.function` (where synchronized
+    layers meet in the graph, and after a failed step such a function must be made again:
+    `replicate.meeting`).
 
     Args:
         model: A built Keras model, or a zero-argument callable that returns
@@ -124,6 +126,7 @@ class ReplicaBuilder:
         )
         self.jit_compile = jit_compile
         self.train_traces = 0  # how many times a training pass was traced (its Python ran)
+        self.met_in_graph = False  # whether a traced step's towers met in the graph
 
     def require_weights(self) -> None:
         """Raises `ValueError` if the model has no weights yet (see the class's Raises)."""
@@ -190,11 +193,7 @@ class ReplicaBuilder:
         return self.evaluate_pass(x)[0]
 
     def compute_gradients(
-        self,
-        loss_fn: LossFn,
-        x: Any,
-        y: Any,
-        sample_weight: Any = None,
+        self, loss_fn: LossFn, x: Any, y: Any, sample_weight: Any = None
     ) -> tuple[tf.Tensor, list[Any]]:
         """Loss and gradients of the whole batch, the backward pass tower by tower.
 
@@ -260,8 +259,14 @@ class ReplicaBuilder:
             return slices
 
     def group(self, slices: reduce.Slices, **options: Any) -> TowerGroup:
-        """The towers of one step; threaded where layers synchronize the towers."""
-        options.setdefault("threaded", self.synchronized)
+        """The towers of one step; where layers synchronize the towers, they meet inside
+        the graph (a step traced in one process: `replicate.meeting`) or in threads."""
+        if self.synchronized and not options.get("threaded"):
+            alone = self.backend is None or self.backend.size == 1
+            in_graph = alone and meeting.usable() and not tf.executing_eagerly()
+            options.setdefault("in_graph", in_graph)
+            options.setdefault("threaded", not options["in_graph"])
+            self.met_in_graph |= options["in_graph"]  # read after a failed step
         return TowerGroup(
             self.devices,
             self.variable_device,
@@ -298,6 +303,7 @@ class ReplicaBuilder:
         # in the step, as Keras traces a model (a function call costs it start-up).
         shared = not group.threaded and self.num_towers > 1
         weights = None if group.threaded else self._read(self.model.trainable_variables)
+        call = meeting.call_index(self.tower_pass.keys) if group.in_graph else 0
 
         def forward(i):
             with tower_errors.describing(i, self.devices, slices.batch):
@@ -311,6 +317,9 @@ class ReplicaBuilder:
                     watch=watch,
                     shared=shared,
                     weights=weights,
+                    present=slices.present[i] if group.in_graph else None,
+                    devices=self.devices if group.in_graph else None,
+                    call=call,
                 )
 
         return group.run(forward), values

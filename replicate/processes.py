@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from replicate import results
+from replicate import meeting, results
 from replicate.backends.agreement import Position
 from replicate.data import ProcessBatches, agree_on_steps
 from replicate.lockstep import CatchingLockstep, ChiefWriters, Lockstep, has_batch_end_hook
@@ -348,6 +348,11 @@ def step_function(
                 if lockstep is not None:
                     lockstep.returned = token
         except tf.errors.OpError as error:
+            if parallel.builder.met_in_graph and not isinstance(error, tf.errors.OutOfRangeError):
+                meeting.abandon()  # later steps meet in threads: traced again
+                parallel.builder.met_in_graph = False
+                parallel.train_function = parallel.test_function = None
+                parallel.predict_function = None
             described = parallel.builder.errors.describe(error)
             if described is None:
                 raise

@@ -4,8 +4,12 @@ How a step flows. `TowerGroup.run(fn)` calls `fn(i)` once per tower, under
 `tf.device(devices[i])`, `tf.name_scope(f"tower_{i}")` and a `TowerContext`,
 which is what the tower's code sees as `tf.distribute.get_replica_context()`.
 Where the towers need nothing from each other (a plain model's forward or
-backward pass), they run one after another in the caller's thread. Where
-they do, each tower runs in a thread of its own, and the threads meet:
+backward pass), they run one after another in the caller's thread. So they
+do where a synchronized layer's sums are their only meetings and the step is
+traced in one process: the sums are then collectives inside the one traced
+forward function (`replicate.meeting`). Otherwise (eagerly, across processes,
+a model's own `train_step`) each tower runs in a thread of its own, and the
+threads meet:
 
 - at `all_reduce` (what Keras' `BatchNormalization(synchronized=True)` calls
   on its batch sums): every tower hands its value, the sum over the towers
@@ -40,7 +44,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from replicate import _keras_compat
+from replicate import _keras_compat, meeting
 
 Merge = Callable[[list[Any]], list[Any]]
 
@@ -83,10 +87,10 @@ class TowerContext(tf.distribute.ReplicaContext):
             raise RuntimeError(
                 f"A tower asked to meet the others ({kind}), but this step runs its towers "
                 "one after another. replicate meets towers for "
-                "BatchNormalization(synchronized=True) and for models with their own "
-                "`train_step`/`test_step`; other code that calls "
-                "`tf.distribute.get_replica_context().all_reduce` inside a model is not "
-                "supported."
+                "layers with `synchronized = True` (BatchNormalization(synchronized=True)) "
+                "and for models with their own `train_step`/`test_step`. A custom layer "
+                "that calls `tf.distribute.get_replica_context().all_reduce` must set the "
+                "attribute `synchronized = True`."
             )
         return self._thread.wait_at(kind, value, merge)
 
@@ -97,7 +101,16 @@ class TowerContext(tf.distribute.ReplicaContext):
         that depends on the total trains every tower's contribution.
         """
         del options
-        op = tf.distribute.ReduceOp(reduce_op) if isinstance(reduce_op, str) else reduce_op
+        op = tf.distribute.ReduceOp(reduce_op.upper()) if isinstance(reduce_op, str) else reduce_op
+        if self.group.in_graph:
+            in_graph = meeting.active()
+            if in_graph is None:
+                raise RuntimeError(
+                    "`all_reduce` was called in a replicate tower outside the model's "
+                    "forward pass. Inside a step, replicate meets the towers for a "
+                    "synchronized layer's statistics only, while the model is called."
+                )
+            return in_graph.all_reduce(op, value)
         flat = [tf.convert_to_tensor(v) for v in tf.nest.flatten(value)]
         group = self.group
 
@@ -230,6 +243,8 @@ class TowerGroup:
             summing, and the gradient of an `all_reduce` is divided by it
             (see `sum_gradients`).
         threaded: Run each tower in a thread so that towers can meet.
+        in_graph: The towers' meetings are collectives inside their one
+            traced forward function (`replicate.meeting`), not threads.
     """
 
     def __init__(
@@ -241,13 +256,17 @@ class TowerGroup:
         present: tf.Tensor | None = None,
         gradient_weights: tf.Tensor | None = None,
         threaded: bool = False,
+        in_graph: bool = False,
     ) -> None:
+        if threaded and in_graph:
+            raise ValueError("Towers meet either in threads or in the graph, not both.")
         self.devices = list(devices)
         self.variable_device = variable_device
         self.backend = backend
         self.present = present
         self.gradient_weights = gradient_weights
         self.threaded = threaded
+        self.in_graph = in_graph
 
     @contextlib.contextmanager
     def scope(self, index: int, *, thread: _TowerThread | None = None):

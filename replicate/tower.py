@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import keras
 import tensorflow as tf
 
-from replicate import _keras_compat, activity, merge, reduce
+from replicate import _keras_compat, activity, meeting, merge, reduce
 
 # Tower k (counted over every process) draws its random numbers (Dropout
 # masks, noise) from the seed shifted by k times this odd constant, so towers
@@ -133,6 +133,7 @@ class TowerPass:
         self._functions: dict[bool, Callable[..., Any]] = {}
         self._logit_kinds: list[tuple[bool, str | None]] = []
         self.traces = 0  # how many times the forward pass was traced (its Python ran)
+        self.keys = meeting.Keys()  # its in-graph all-reduces' instance keys
         self._activity = activity.ActivityRows(model)  # Keras < 3.14 sums them per batch
 
     # -- random seeds -----------------------------------------------------------
@@ -151,9 +152,15 @@ class TowerPass:
 
     # -- forward ------------------------------------------------------------------
 
-    def _call(self, trainable, state, rows, x, training):
-        """One stateless model call: outputs, masks, logits, writes and model losses."""
+    def _call(self, trainable, state, rows, x, training, present=None, devices=None, call=0):
+        """One stateless model call: outputs, masks, logits, writes and model losses.
+
+        `present`, `devices` and `call` are given where the towers meet in the graph
+        (`replicate.meeting`): the calling tower's presence, every tower's device and
+        which forward pass of the step this is.
+        """
         self.traces += 1
+        in_graph = None if present is None else meeting.Meeting(devices, self.keys, present, call)
         model = self.model
         row_variables = row_states(model)
         mapping = list(zip(model.trainable_variables, trainable)) + list(
@@ -165,7 +172,12 @@ class TowerPass:
             # A tower's rows: not the variable's shape, which the mapping would demand.
             keras.StatelessScope.add_update(scope, (variable, value))
         mapping += list(zip(row_variables, rows))
-        with scope, _keras_compat.any_batch_size(row_layers(model)), self._activity:
+        with (
+            scope,
+            _keras_compat.any_batch_size(row_layers(model)),
+            self._activity,
+            meeting.tracing(in_graph),
+        ):
             if self._training_arg:
                 outputs = model(x, training=training)
             else:
@@ -212,8 +224,8 @@ class TowerPass:
         """The forward call: one traced function that every tower calls under its device
         scope (an XLA computation with `jit_compile`), so that the model is traced once
         whatever the number of towers; the model's own Python, traced inline, where the
-        towers meet mid-pass (`shared=False`: synchronized layers), where there is one
-        tower (`shared=False`), or eagerly.
+        towers meet mid-pass in threads (`shared=False`), where there is one tower
+        (`shared=False`), or eagerly.
 
         The function is inlined into the step where it is called (TensorFlow's default):
         its ops take the calling tower's device, and an error names `tower_i/`. AutoGraph
@@ -240,6 +252,9 @@ class TowerPass:
         watch: bool = True,
         shared: bool = True,
         weights: list | None = None,
+        present: tf.Tensor | None = None,
+        devices: Sequence[str] | None = None,
+        call: int = 0,
     ) -> Tower:
         """The forward pass of one tower on `part` (its slice, `size` real rows).
 
@@ -256,6 +271,11 @@ class TowerPass:
                 single tower.
             weights: The trainable variables' values, read once for every tower
                 (`None`: read here).
+            present: Where the towers meet in the graph (`replicate.meeting`):
+                `()` float, 1 where this tower holds real samples. `None` otherwise.
+            devices: With `present`, every tower's device, in tower order.
+            call: With `present`, which forward pass of the step this is
+                (`meeting.call_index`).
         """
         if weights is None:
             weights = [v.value for v in self.model.trainable_variables]
@@ -266,7 +286,16 @@ class TowerPass:
                 tape.watch(trainable)
             out, masks, logits, updates, writes, new_rows, scalars, samples = self._call_function(
                 shared
-            )(trainable, self.tower_state(tower, state), rows, part, training)
+            )(
+                trainable,
+                self.tower_state(tower, state),
+                rows,
+                part,
+                training,
+                present,
+                None if devices is None else tuple(devices),
+                call,
+            )
             for t, mask in zip(tf.nest.flatten(out), masks):
                 if mask is not None:
                     _keras_compat.set_mask(t, mask)

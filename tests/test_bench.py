@@ -138,6 +138,23 @@ def test_startup_and_overhead_outputs(command, tmp_path):
     assert ("take" if command == "startup" else "ms per added tower") in table
 
 
+def test_the_synchronized_startup_model_synchronizes_every_batchnorm():
+    import keras
+
+    from replicate.bench import startup
+
+    def synchronized(name):
+        norms = [
+            layer
+            for layer in startup._model(name).layers
+            if isinstance(layer, keras.layers.BatchNormalization)
+        ]
+        return len(norms), {layer.synchronized for layer in norms}
+
+    assert synchronized("resnet-sync") == (synchronized("resnet")[0], {True})
+    assert synchronized("resnet")[1] == {False}
+
+
 @pytest.mark.slow
 def test_profile_outputs(tmp_path):
     result = _run("profile", "--steps", "5", "--repeats", "1", "--output", tmp_path)

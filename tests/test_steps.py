@@ -162,6 +162,108 @@ def test_synchronized_batchnorm_equals_one_device(
     np.testing.assert_allclose(history["loss"], expected["loss"], rtol=1e-5)
 
 
+@pytest.mark.parametrize("towers", [2, 4])
+def test_synchronized_batchnorm_is_traced_once_whatever_the_number_of_towers(
+    towers, devices, classification_data, weight_diff
+):
+    # The statistics' sums are collectives inside the one traced forward function
+    # (replicate.meeting), so start-up traces the model once, not once per tower. The last
+    # batch holds 1 sample: at 4 towers three towers hold a stand-in row that adds nothing.
+    x, y = classification_data
+
+    def traced(count):
+        model = _synchronized()
+        parallel = _compile(replicate.replicate(model, devices[:count], check=False))
+        parallel.fit(x, y, batch_size=10, epochs=2, shuffle=False, verbose=0)
+        parallel.evaluate(x, y, batch_size=10, verbose=0)
+        assert parallel.builder.train_traces == 1
+        return model, parallel.builder.tower_pass.traces
+
+    single = _compile(_synchronized())
+    single.fit(x, y, batch_size=10, epochs=2, shuffle=False, verbose=0)
+    model, traces = traced(towers)
+    assert traces == traced(1)[1] == 2  # one per training flag
+    assert weight_diff(model, single) <= 1e-5
+
+
+def test_two_forward_passes_in_one_step_each_meet_on_their_own(devices, classification_data):
+    # Two views of a batch through the towers in one traced function, as a contrastive
+    # model's own loop does: each pass's statistics are its own batch's.
+    x, _ = classification_data
+    first, second = x[:20], x[20:40] * 3.0 + 1.0
+    builder = replicate.ReplicaBuilder(_synchronized(), devices[:2])
+
+    @tf.function
+    def both(a, b):
+        return builder.call(a, training=True), builder.call(b, training=True)
+
+    got = both(first, second)
+    one_device = _synchronized()
+    for outputs, batch in zip(got, (first, second)):
+        expected = one_device(batch, training=True)
+        np.testing.assert_allclose(outputs, expected, atol=1e-5)
+
+
+def test_synchronized_batchnorm_meets_in_threads_when_run_eagerly(
+    devices, classification_data, weight_diff
+):
+    # Eagerly a collective would wait for towers that have not started: threads meet.
+    x, y = classification_data
+    single = _compile(_synchronized())
+    single.fit(x, y, batch_size=10, epochs=1, shuffle=False, verbose=0)
+    model = _synchronized()
+    parallel = replicate.replicate(model, devices[:3], check=False)
+    parallel.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        run_eagerly=True,
+    )
+    parallel.fit(x, y, batch_size=10, epochs=1, shuffle=False, verbose=0)
+    assert weight_diff(model, single) <= 1e-5
+
+
+class _CenterOnBatch(keras.layers.Layer):
+    """Subtracts the global batch's mean, as a layer written for `tf.distribute` does."""
+
+    synchronized = True  # what tells replicate that the layer meets the other towers
+
+    def call(self, x):
+        context = tf.distribute.get_replica_context()
+        return x - context.all_reduce("mean", keras.ops.mean(x, axis=0))
+
+
+@pytest.mark.parametrize("towers", [2, 3])
+def test_a_layer_that_averages_over_the_towers_equals_one_device(towers, devices, weight_diff):
+    # Even slices: the towers' mean of slice means is the batch's mean, forward and backward.
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(60, 6)).astype("float32")
+    y = rng.integers(0, 3, size=60).astype("int32")
+
+    def centered():
+        keras.utils.set_random_seed(9)
+        return keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(8), _CenterOnBatch(), keras.layers.Dense(3)]
+        )
+
+    single = _compile(centered())
+    single.fit(x, y, batch_size=30, epochs=2, shuffle=False, verbose=0)
+    model = centered()
+    parallel = _compile(replicate.replicate(model, devices[:towers], check=False))
+    parallel.fit(x, y, batch_size=30, epochs=2, shuffle=False, verbose=0)
+    assert weight_diff(model, single) <= 1e-5
+
+
+def test_a_layer_that_meets_the_towers_without_saying_so_is_an_error(devices):
+    class Unsaid(_CenterOnBatch):
+        synchronized = False
+
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8), Unsaid()])
+    parallel = replicate.replicate(model, devices[:2], check=False)
+    parallel.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(RuntimeError, match=r"must set the attribute `synchronized = True`"):
+        parallel.fit(np.ones((4, 6), "float32"), np.ones((4, 8), "float32"), verbose=0)
+
+
 def test_unsynchronized_batchnorm_keeps_per_tower_statistics(
     devices, classification_data, weight_diff
 ):

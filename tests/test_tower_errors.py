@@ -1,5 +1,11 @@
 """An error raised inside a tower says that the batch was split, where, and how."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -107,3 +113,30 @@ def test_errors_that_do_not_come_from_a_tower_are_left_alone(devices):
     with pytest.raises(ValueError) as raised:
         parallel.fit(X, Y[:10], verbose=0)  # x and y disagree: Keras' own error
     assert not getattr(raised.value, "__notes__", None)
+
+
+def test_a_tower_that_fails_while_the_others_wait_at_a_synchronized_layer_names_it():
+    # Towers 1 and 2 reach the synchronized layer's collective and wait there for tower 0,
+    # whose reshape fails. The step ends with tower 0's own error. TensorFlow may then keep
+    # the process's collectives aborted, so later steps meet in threads, with a warning, and
+    # train. In a process of its own: what happens there lasts for the process.
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("failing_meeting_worker.py"))],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["error"] == "InvalidArgumentError"
+    assert got["named"], got
+    assert got["warnings"] == [
+        "replicate: a step failed while the towers of a synchronized layer met inside the "
+        "graph. TensorFlow may keep this process's collectives aborted after such a failure, "
+        "so from now on the towers meet in threads: later steps are traced again, once per "
+        "tower. A `tf.function` of your own that calls a ReplicaBuilder must be created "
+        "again to follow."
+    ]
+    assert got["after"] == {"finite": True, "traces": 3}  # in threads: once per tower
+    assert got["another_model"] == {"finite": True, "equal_to_one_device": True}

@@ -86,9 +86,10 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--model",
         dest="model",
-        choices=("resnet", "mlp"),
+        choices=("resnet", "resnet-sync", "mlp"),
         default="resnet",
-        help="ResNet50V2 on 32x32x3 (default) or the MLP 32-32-10",
+        help="ResNet50V2 on 32x32x3 (default), the same with synchronized "
+        "BatchNormalization (resnet-sync), or the MLP 32-32-10",
     )
     for name in ("startup", "overhead"):
         commands.choices[name].set_defaults(devices=8)

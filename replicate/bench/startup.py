@@ -25,8 +25,12 @@ def _model(name: str):
     import keras
 
     keras.utils.set_random_seed(0)
-    if name == "resnet":
-        return keras.applications.ResNet50V2(weights=None, input_shape=(32, 32, 3), classes=10)
+    if name in ("resnet", "resnet-sync"):
+        model = keras.applications.ResNet50V2(weights=None, input_shape=(32, 32, 3), classes=10)
+        for layer in model.layers:  # read at each call: the statistics of the global batch
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.synchronized = name == "resnet-sync"
+        return model
     inputs = keras.Input((32,))
     hidden = keras.layers.Dense(32, activation="relu")(inputs)
     return keras.Model(inputs, keras.layers.Dense(10)(hidden))
@@ -36,7 +40,7 @@ def _data(name: str, samples: int):
     import numpy as np
 
     rng = np.random.default_rng(0)
-    shape = (32, 32, 3) if name == "resnet" else (32,)
+    shape = (32, 32, 3) if name.startswith("resnet") else (32,)
     x = rng.normal(size=(samples, *shape)).astype("float32")
     return x, rng.integers(0, 10, samples)
 

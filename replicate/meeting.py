@@ -1,0 +1,212 @@
+"""Towers that meet inside the graph: a synchronized layer traced once for every tower.
+
+`BatchNormalization(synchronized=True)` sums its batch statistics over the
+towers (`tf.distribute.get_replica_context().all_reduce`). Where that sum is
+the towers' only meeting, and the step is traced by `tf.function` in one
+process, each sum is a collective all-reduce inside the one traced forward
+function: every tower calls that function under its own device scope, the
+function is inlined there (its ops take the tower's device), and the inlined
+copies of one all-reduce, which carry the same keys, form one collective over
+the towers' devices. Its gradient is a second collective of the same kind. So
+start-up traces the model once whatever the number of towers, as for a model
+without synchronized layers.
+
+Elsewhere the towers meet in threads (`replicate.replica`): eagerly (each
+collective would wait for towers that have not started), across processes
+(the sum goes through the process backend), in a model's own `train_step`,
+and in a process where a step whose towers met in the graph failed
+(`abandon`).
+
+Keys. A collective is named by a group key (the set of devices) and an
+instance key (one all-reduce). The instance keys of one forward function are
+counted in the order its all-reduces are traced, so that a second trace of the
+same function (a last batch of another size) reuses the keys of the first and
+the towers that call either trace still meet. A step that runs the towers'
+forward pass twice (two views of a batch in a user's own `tf.function`) counts
+its passes (`call_index`), and each pass has keys of its own, or the second
+pass's all-reduces would meet the first's. Both ranges start far above the
+keys TensorFlow's strategies and replicate's collective backend count from 1.
+
+The all-reduce is the graph's `CollectiveReduce` op (TensorFlow's first
+collective kernel, `tf.raw_ops.CollectiveReduce`), which meets logical CPU
+devices of one process as well as GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import warnings
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow as tf
+
+_GROUP_BASE = 0x52500000
+_INSTANCE_BASE = 0x52500000
+_lock = threading.Lock()
+_groups: dict[tuple[str, ...], int] = {}
+_instances = itertools.count(_INSTANCE_BASE)
+_tracing = threading.local()
+_calls: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_abandoned = False
+
+
+def usable() -> bool:
+    """Whether towers may still meet in the graph in this process (see `abandon`)."""
+    return not _abandoned
+
+
+def abandon() -> None:
+    """Towers of this process meet in threads from now on, with a warning.
+
+    Called when a step whose towers met in the graph failed (a tower's error,
+    not the end of the data): TensorFlow may then keep the process's local
+    collectives aborted ("Collective ops is aborted by: ... Restart your
+    program to reset"), and every later collective would fail.
+    """
+    global _abandoned
+    if _abandoned:
+        return
+    _abandoned = True
+    warnings.warn(
+        "replicate: a step failed while the towers of a synchronized layer met inside the "
+        "graph. TensorFlow may keep this process's collectives aborted after such a failure, "
+        "so from now on the towers meet in threads: later steps are traced again, once per "
+        "tower. A `tf.function` of your own that calls a ReplicaBuilder must be created "
+        "again to follow.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def group_key(devices: Sequence[str]) -> int:
+    """The collective group key of `devices` (one per set of devices, per process)."""
+    key = tuple(devices)
+    with _lock:
+        if key not in _groups:
+            _groups[key] = _GROUP_BASE + len(_groups)
+        return _groups[key]
+
+
+def call_index(keys: Keys) -> int:
+    """How many forward passes with `keys` the step being traced has run before this one."""
+    graph = tf.compat.v1.get_default_graph()
+    with _lock:
+        counts = _calls.setdefault(graph, {})
+        index = counts.get(id(keys), 0)
+        counts[id(keys)] = index + 1
+        return index
+
+
+class Keys:
+    """The instance keys of one forward function, by pass, direction and trace position."""
+
+    def __init__(self) -> None:
+        self._keys: dict[tuple[int, str, int], int] = {}
+        self.position = 0
+
+    def next(self) -> int:
+        """The position of the next all-reduce in this trace."""
+        self.position += 1
+        return self.position - 1
+
+    def get(self, call: int, direction: str, position: int) -> int:
+        """The instance key of the all-reduce at `position` of the step's forward pass
+        `call` (`direction`: forward or backward)."""
+        key = (call, direction, position)
+        with _lock:
+            if key not in self._keys:
+                self._keys[key] = next(_instances)
+            return self._keys[key]
+
+
+class Meeting:
+    """What the all-reduces of one tower's trace need: the devices, keys and its presence.
+
+    Args:
+        devices: Every tower's device, in tower order.
+        keys: The forward function's instance keys.
+        present: `()` float, 1 where the calling tower holds real samples (0
+            for a stand-in row, which then adds nothing); a function input, so
+            that each tower's call supplies its own.
+        call: Which forward pass of the step this is (`call_index`).
+    """
+
+    def __init__(
+        self, devices: Sequence[str], keys: Keys, present: tf.Tensor, call: int = 0
+    ) -> None:
+        self.devices = list(devices)
+        self.keys = keys
+        self.present = present
+        self.call = call
+
+    def _mask(self, value: tf.Tensor) -> tf.Tensor:
+        if value.dtype.is_floating:
+            return tf.math.multiply_no_nan(value, tf.cast(self.present, value.dtype))
+        return value * tf.cast(self.present, value.dtype)
+
+    def _sum(self, value: tf.Tensor, direction: str, position: int) -> tf.Tensor:
+        """The sum of every tower's `value` (masked), on the calling tower's device."""
+        value = self._mask(value)
+        if len(self.devices) > 1:
+            value = tf.raw_ops.CollectiveReduce(
+                input=value,
+                group_size=len(self.devices),
+                group_key=group_key(self.devices),
+                instance_key=self.keys.get(self.call, direction, position),
+                merge_op="Add",
+                final_op="Id",
+                subdiv_offsets=[0],
+            )
+        return self._mask(value)
+
+    def all_reduce(self, reduce_op: tf.distribute.ReduceOp, value: Any) -> Any:
+        """Sums (or averages) `value` over the towers; differentiable, as in `replica`."""
+        flat = [tf.convert_to_tensor(v) for v in tf.nest.flatten(value)]
+        count = None
+        if reduce_op == tf.distribute.ReduceOp.MEAN:
+            count = self._sum(tf.ones_like(self.present), "forward", self.keys.next())
+        out = [self._reduce_one(v, count) for v in flat]
+        return tf.nest.pack_sequence_as(value, out)
+
+    def _reduce_one(self, value: tf.Tensor, count: tf.Tensor | None) -> tf.Tensor:
+        position = self.keys.next()
+
+        @tf.custom_gradient
+        def reduced(v):
+            total = self._sum(v, "forward", position)
+            if count is not None:
+                total = tf.math.divide_no_nan(total, tf.cast(count, total.dtype))
+
+            def grad(upstream):
+                back = self._sum(upstream, "backward", position)
+                if count is not None:
+                    back = tf.math.divide_no_nan(back, tf.cast(count, back.dtype))
+                return back
+
+            return total, grad
+
+        return reduced(value)
+
+
+@contextlib.contextmanager
+def tracing(meeting: Meeting | None):
+    """`meeting` is the calling tower's while its forward function is traced."""
+    if meeting is None:
+        yield
+        return
+    meeting.keys.position = 0
+    previous = getattr(_tracing, "meeting", None)
+    _tracing.meeting = meeting
+    try:
+        yield
+    finally:
+        _tracing.meeting = previous
+
+
+def active() -> Meeting | None:
+    """The meeting of the forward function being traced in this thread, if any."""
+    return getattr(_tracing, "meeting", None)
