@@ -263,7 +263,7 @@ class ReplicaBuilder:
         the graph (a step traced in one process: `replicate.meeting`) or in threads."""
         if self.synchronized and not options.get("threaded"):
             alone = self.backend is None or self.backend.size == 1
-            in_graph = alone and meeting.usable() and not tf.executing_eagerly()
+            in_graph = alone and not tf.executing_eagerly() and meeting.usable(self.devices)
             options.setdefault("in_graph", in_graph)
             options.setdefault("threaded", not options["in_graph"])
             self.met_in_graph |= options["in_graph"]  # read after a failed step

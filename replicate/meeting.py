@@ -44,28 +44,54 @@ from typing import Any
 
 import tensorflow as tf
 
+from replicate import _keras_compat
+
 _GROUP_BASE = 0x52500000
 _INSTANCE_BASE = 0x52500000
-_lock = threading.Lock()
+_lock = threading.RLock()
 _groups: dict[tuple[str, ...], int] = {}
 _instances = itertools.count(_INSTANCE_BASE)
 _tracing = threading.local()
 _calls: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _abandoned = False
+_probes: dict[tuple[str, ...], Any] = {}
 
 
-def usable() -> bool:
-    """Whether towers may still meet in the graph in this process (see `abandon`)."""
-    return not _abandoned
+def usable(devices: Sequence[str] = ()) -> bool:
+    """Whether towers on `devices` may meet in the graph in this process.
+
+    Not after `abandon`; and a probe, one all-reduce over `devices` run once
+    per trace of a step, must complete: after a failed step, one of a user's
+    own `tf.function` too, TensorFlow may keep the process's collectives
+    aborted, and the probe then fails at once (and abandons).
+    """
+    if _abandoned:
+        return False
+    if len(devices) < 2:
+        return True
+    try:
+        with tf.init_scope(), _lock:
+            _probe(tuple(devices))
+    except tf.errors.OpError:
+        abandon()
+        return False
+    return True
+
+
+def generation() -> int:
+    """How many times the towers of this process stopped meeting in the graph (0 or 1):
+    a step traced in another generation must be traced again."""
+    return int(_abandoned)
 
 
 def abandon() -> None:
     """Towers of this process meet in threads from now on, with a warning.
 
     Called when a step whose towers met in the graph failed (a tower's error,
-    not the end of the data): TensorFlow may then keep the process's local
-    collectives aborted ("Collective ops is aborted by: ... Restart your
-    program to reset"), and every later collective would fail.
+    not the end of the data), or when the probe of `usable` failed: TensorFlow
+    may then keep the process's local collectives aborted ("Collective ops is
+    aborted by: ... Restart your program to reset"), and every later
+    collective would fail.
     """
     global _abandoned
     if _abandoned:
@@ -75,11 +101,38 @@ def abandon() -> None:
         "replicate: a step failed while the towers of a synchronized layer met inside the "
         "graph. TensorFlow may keep this process's collectives aborted after such a failure, "
         "so from now on the towers meet in threads: later steps are traced again, once per "
-        "tower. A `tf.function` of your own that calls a ReplicaBuilder must be created "
-        "again to follow.",
+        "tower. A `tf.function` of your own that calls a ReplicaBuilder follows once it is "
+        "created again.",
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+def _probe(devices: tuple[str, ...]) -> None:
+    if devices not in _probes:
+        instance = next(_instances)
+
+        @tf.function(autograph=False)
+        def probe():
+            summed = []
+            for device in devices:
+                with tf.device(device):
+                    summed.append(
+                        tf.raw_ops.CollectiveReduce(
+                            input=tf.ones([1]),
+                            group_size=len(devices),
+                            group_key=group_key(devices),
+                            instance_key=instance,
+                            merge_op="Add",
+                            final_op="Id",
+                            subdiv_offsets=[0],
+                            timeout_seconds=60.0,
+                        )
+                    )
+            return summed
+
+        _probes[devices] = probe
+    _probes[devices]()
 
 
 def group_key(devices: Sequence[str]) -> int:
@@ -142,6 +195,7 @@ class Meeting:
         self.keys = keys
         self.present = present
         self.call = call
+        self.graph = None  # the graph the forward pass is traced in (`tracing`)
 
     def _mask(self, value: tf.Tensor) -> tf.Tensor:
         if value.dtype.is_floating:
@@ -164,7 +218,25 @@ class Meeting:
         return self._mask(value)
 
     def all_reduce(self, reduce_op: tf.distribute.ReduceOp, value: Any) -> Any:
-        """Sums (or averages) `value` over the towers; differentiable, as in `replica`."""
+        """Sums (or averages) `value` over the towers; differentiable, as in `replica`.
+
+        Raises:
+            RuntimeError: Inside a branch of `tf.cond` or a `tf.while_loop` of the
+                forward pass: a tower whose predicate took the other branch would
+                never reach the collective, and the others would wait for it.
+        """
+        graph = tf.compat.v1.get_default_graph()
+        while len(self.devices) > 1 and graph is not None and graph is not self.graph:
+            if _keras_compat.is_control_flow_graph(graph):
+                raise RuntimeError(
+                    "A synchronized layer called `all_reduce` inside `tf.cond`, "
+                    "`keras.ops.cond` or a `tf.while_loop`. replicate's towers meet inside "
+                    "the graph, where a tower that took the other branch would never reach "
+                    "the all-reduce. Call `all_reduce` outside the branch (reduce in both "
+                    "branches' place, then choose), or run the model with "
+                    "`run_eagerly=True`."
+                )
+            graph = getattr(graph, "outer_graph", None)
         flat = [tf.convert_to_tensor(v) for v in tf.nest.flatten(value)]
         count = None
         if reduce_op == tf.distribute.ReduceOp.MEAN:
@@ -199,6 +271,7 @@ def tracing(meeting: Meeting | None):
         yield
         return
     meeting.keys.position = 0
+    meeting.graph = tf.compat.v1.get_default_graph()
     previous = getattr(_tracing, "meeting", None)
     _tracing.meeting = meeting
     try:

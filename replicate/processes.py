@@ -318,7 +318,10 @@ def begin_evaluate(parallel: Any, call: dict[str, Any]) -> None:
 
 
 def step_function(
-    parallel: Any, function: Callable[[Any], Any], *, skip: bool
+    parallel: Any,
+    function: Callable[[Any], Any],
+    *,
+    skip: bool,
 ) -> Callable[[Any], Any]:
     """`function` (one execution of Keras' steps) as a replicated model runs it.
 
@@ -326,11 +329,21 @@ def step_function(
     collectives); an error raised inside a tower says which tower and what it
     held (`replicate.tower_errors`); for training (`skip`), it first passes
     over the batches a restored backup had already trained on, and across
-    processes it keeps the step in lockstep (`replicate.lockstep`).
+    processes it keeps the step in lockstep (`replicate.lockstep`). A step of a
+    synchronized model traced before its towers stopped meeting in the graph
+    (`meeting.abandon`, after any model's failed step) is made again.
     """
     watchdog = parallel.backend.watchdog
+    generation = meeting.generation()
+    remade = []
 
     def marked(iterator):
+        if not remade and meeting.generation() != generation and parallel.builder.synchronized:
+            for kind in ("train", "test", "predict"):
+                if getattr(parallel, f"{kind}_function", None) is marked:
+                    remade.append(getattr(parallel, f"make_{kind}_function")(force=True))
+        if remade:
+            return remade[0](iterator)
         lockstep = parallel.progress.lockstep if skip else None  # across processes, in fit
         if skip and parallel.skip_batches > 0:
             for _ in range(min(parallel.skip_batches, parallel.steps_per_execution)):
@@ -350,9 +363,6 @@ def step_function(
         except tf.errors.OpError as error:
             if parallel.builder.met_in_graph and not isinstance(error, tf.errors.OutOfRangeError):
                 meeting.abandon()  # later steps meet in threads: traced again
-                parallel.builder.met_in_graph = False
-                parallel.train_function = parallel.test_function = None
-                parallel.predict_function = None
             described = parallel.builder.errors.describe(error)
             if described is None:
                 raise

@@ -253,6 +253,19 @@ def test_a_layer_that_averages_over_the_towers_equals_one_device(towers, devices
     assert weight_diff(model, single) <= 1e-5
 
 
+def test_a_layer_that_meets_the_towers_inside_a_branch_is_an_error(devices):
+    # A tower whose predicate took the other branch would never reach the collective.
+    class Branching(_CenterOnBatch):
+        def call(self, x):
+            return tf.cond(tf.reduce_sum(x) > 0, lambda: super(Branching, self).call(x), lambda: x)
+
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8), Branching()])
+    parallel = replicate.replicate(model, devices[:2], check=False)
+    parallel.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(RuntimeError, match=r"called `all_reduce` inside `tf.cond`"):
+        parallel.fit(np.ones((4, 6), "float32"), np.ones((4, 8), "float32"), verbose=0)
+
+
 def test_a_layer_that_meets_the_towers_without_saying_so_is_an_error(devices):
     class Unsaid(_CenterOnBatch):
         synchronized = False

@@ -115,28 +115,50 @@ def test_errors_that_do_not_come_from_a_tower_are_left_alone(devices):
     assert not getattr(raised.value, "__notes__", None)
 
 
-def test_a_tower_that_fails_while_the_others_wait_at_a_synchronized_layer_names_it():
-    # Towers 1 and 2 reach the synchronized layer's collective and wait there for tower 0,
-    # whose reshape fails. The step ends with tower 0's own error. TensorFlow may then keep
-    # the process's collectives aborted, so later steps meet in threads, with a warning, and
-    # train. In a process of its own: what happens there lasts for the process.
+def _failing_meeting(*mode):
     result = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("failing_meeting_worker.py"))],
+        [sys.executable, str(Path(__file__).with_name("failing_meeting_worker.py")), *mode],
         capture_output=True,
         text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    got = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_tower_that_fails_while_the_others_wait_at_a_synchronized_layer_names_it():
+    # Towers 1 and 2 reach the synchronized layer's collective and wait there for tower 0,
+    # whose reshape fails. The step ends with tower 0's own error. TensorFlow may then keep
+    # the process's collectives aborted, so later steps meet in threads, with a warning, and
+    # train. In a process of its own: what happens there lasts for the process.
+    # Another model's steps, traced with collectives before the failure, are traced again.
+    got = _failing_meeting()
     assert got["error"] == "InvalidArgumentError"
     assert got["named"], got
     assert got["warnings"] == [
         "replicate: a step failed while the towers of a synchronized layer met inside the "
         "graph. TensorFlow may keep this process's collectives aborted after such a failure, "
         "so from now on the towers meet in threads: later steps are traced again, once per "
-        "tower. A `tf.function` of your own that calls a ReplicaBuilder must be created "
-        "again to follow."
+        "tower. A `tf.function` of your own that calls a ReplicaBuilder follows once it is "
+        "created again."
     ]
     assert got["after"] == {"finite": True, "traces": 3}  # in threads: once per tower
+    assert got["other_model_after"] is True
     assert got["another_model"] == {"finite": True, "equal_to_one_device": True}
+
+
+def test_a_new_function_after_a_failure_in_a_users_own_function_trains():
+    # The failure happens where replicate cannot see it; a new function's trace probes the
+    # process's collectives and meets in threads if they stay aborted.
+    got = _failing_meeting("builder")
+    assert got == {"error": "InvalidArgumentError", "warned": None, "equal_to_one_device": True}
+
+
+def test_a_new_function_in_a_process_whose_collectives_are_aborted_meets_in_threads():
+    got = _failing_meeting("aborted")
+    assert got == {
+        "error": None,
+        "warned": ["replicate: a step failed while the towers of a synchronized "],
+        "equal_to_one_device": True,
+    }

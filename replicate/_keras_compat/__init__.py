@@ -52,6 +52,7 @@ from replicate._keras_compat.tensorflow_internals import (
     configure_collectives,
     dataset_inputs,
     enable_collectives,
+    is_control_flow_graph,
     native_hyperparameters,
     pass_through_autograph,
     set_variable_creators,
@@ -77,6 +78,7 @@ __all__ = [
     "get_logits",
     "get_mask",
     "get_tensor_attribute",
+    "is_control_flow_graph",
     "is_variable",
     "loss_tracker",
     "native_hyperparameters",
@@ -155,6 +157,7 @@ def verify() -> list[str]:
         ("DatasetV2._inputs", lambda: tf.data.Dataset.range(1)._inputs),
         # None (no shuffle recognised) has no `.lower`: an AttributeError, as a missing name.
         ("_ShuffleDataset", lambda: shuffled_upstream(tf.data.Dataset.range(2).shuffle(2)).lower),
+        ("control_flow_v2_func_graphs", lambda: is_control_flow_graph(graph) is False),
         (
             "collective_ops.all_reduce_v2",
             lambda: importlib.import_module("tensorflow.python.ops.collective_ops").all_reduce_v2,

@@ -177,3 +177,11 @@ def shuffled_upstream(dataset: tf.data.Dataset) -> str | None:
             return name
         stack.extend(dataset_inputs(current))
     return None
+
+
+def is_control_flow_graph(graph: Any) -> bool:
+    """Whether `graph` is a branch of `tf.cond`/`tf.switch_case` or a part of a
+    `tf.while_loop` (`control_flow_v2_func_graphs`, TensorFlow 2.16-2.21)."""
+    graphs = importlib.import_module("tensorflow.python.ops.control_flow_v2_func_graphs")
+    kinds = (graphs.CondBranchFuncGraph, graphs.WhileCondFuncGraph, graphs.WhileBodyFuncGraph)
+    return isinstance(graph, kinds)
