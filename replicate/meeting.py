@@ -44,7 +44,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from replicate import _keras_compat
+from replicate import _keras_compat, reduce
 
 _GROUP_BASE = 0x52500000
 _INSTANCE_BASE = 0x52500000
@@ -57,7 +57,7 @@ _abandoned = False
 _probes: dict[tuple[str, ...], Any] = {}
 
 
-def usable(devices: Sequence[str] = ()) -> bool:
+def usable(devices: Sequence[str]) -> bool:
     """Whether towers on `devices` may meet in the graph in this process.
 
     Not after `abandon`; and a probe, one all-reduce over `devices` run once
@@ -108,6 +108,22 @@ def abandon() -> None:
     )
 
 
+def _collective_sum(
+    value: tf.Tensor, devices: Sequence[str], instance: int, **options
+) -> tf.Tensor:
+    """One all-reduce (sum) of `value` over `devices`, on the current device."""
+    return tf.raw_ops.CollectiveReduce(
+        input=value,
+        group_size=len(devices),
+        group_key=group_key(devices),
+        instance_key=instance,
+        merge_op="Add",
+        final_op="Id",
+        subdiv_offsets=[0],
+        **options,
+    )
+
+
 def _probe(devices: tuple[str, ...]) -> None:
     if devices not in _probes:
         instance = next(_instances)
@@ -118,16 +134,7 @@ def _probe(devices: tuple[str, ...]) -> None:
             for device in devices:
                 with tf.device(device):
                     summed.append(
-                        tf.raw_ops.CollectiveReduce(
-                            input=tf.ones([1]),
-                            group_size=len(devices),
-                            group_key=group_key(devices),
-                            instance_key=instance,
-                            merge_op="Add",
-                            final_op="Id",
-                            subdiv_offsets=[0],
-                            timeout_seconds=60.0,
-                        )
+                        _collective_sum(tf.ones([1]), devices, instance, timeout_seconds=60.0)
                     )
             return summed
 
@@ -149,8 +156,8 @@ def call_index(keys: Keys) -> int:
     graph = tf.compat.v1.get_default_graph()
     with _lock:
         counts = _calls.setdefault(graph, {})
-        index = counts.get(id(keys), 0)
-        counts[id(keys)] = index + 1
+        index = counts.get(keys, 0)
+        counts[keys] = index + 1
         return index
 
 
@@ -195,27 +202,15 @@ class Meeting:
         self.keys = keys
         self.present = present
         self.call = call
-        self.graph = None  # the graph the forward pass is traced in (`tracing`)
-
-    def _mask(self, value: tf.Tensor) -> tf.Tensor:
-        if value.dtype.is_floating:
-            return tf.math.multiply_no_nan(value, tf.cast(self.present, value.dtype))
-        return value * tf.cast(self.present, value.dtype)
+        self.graph = tf.compat.v1.get_default_graph()  # the forward pass is traced in it
 
     def _sum(self, value: tf.Tensor, direction: str, position: int) -> tf.Tensor:
         """The sum of every tower's `value` (masked), on the calling tower's device."""
-        value = self._mask(value)
+        value = reduce.scale(value, self.present)
         if len(self.devices) > 1:
-            value = tf.raw_ops.CollectiveReduce(
-                input=value,
-                group_size=len(self.devices),
-                group_key=group_key(self.devices),
-                instance_key=self.keys.get(self.call, direction, position),
-                merge_op="Add",
-                final_op="Id",
-                subdiv_offsets=[0],
-            )
-        return self._mask(value)
+            instance = self.keys.get(self.call, direction, position)
+            value = _collective_sum(value, self.devices, instance)
+        return reduce.scale(value, self.present)
 
     def all_reduce(self, reduce_op: tf.distribute.ReduceOp, value: Any) -> Any:
         """Sums (or averages) `value` over the towers; differentiable, as in `replica`.
@@ -271,7 +266,6 @@ def tracing(meeting: Meeting | None):
         yield
         return
     meeting.keys.position = 0
-    meeting.graph = tf.compat.v1.get_default_graph()
     previous = getattr(_tracing, "meeting", None)
     _tracing.meeting = meeting
     try:

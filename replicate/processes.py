@@ -318,10 +318,7 @@ def begin_evaluate(parallel: Any, call: dict[str, Any]) -> None:
 
 
 def step_function(
-    parallel: Any,
-    function: Callable[[Any], Any],
-    *,
-    skip: bool,
+    parallel: Any, function: Callable[[Any], Any], *, skip: bool
 ) -> Callable[[Any], Any]:
     """`function` (one execution of Keras' steps) as a replicated model runs it.
 

@@ -144,6 +144,8 @@ def scale(value: Grad, weight: tf.Tensor) -> Grad:
     # tower's values came out NaN.
     if value is None:
         return None
+    if not value.dtype.is_floating:  # counts: no NaN to guard against
+        return value * tf.cast(weight, value.dtype)
     if isinstance(value, tf.IndexedSlices):
         w = tf.cast(weight, value.values.dtype)
         return tf.IndexedSlices(

@@ -44,7 +44,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from replicate import _keras_compat, meeting
+from replicate import _keras_compat, meeting, reduce
 
 Merge = Callable[[list[Any]], list[Any]]
 
@@ -334,11 +334,7 @@ class TowerGroup:
 
     def _mask(self, value: tf.Tensor, i: int) -> tf.Tensor:
         """`value`, or 0 where tower `i` holds only a stand-in row."""
-        if self.present is None:
-            return value
-        if value.dtype.is_floating:
-            return tf.math.multiply_no_nan(value, tf.cast(self.present[i], value.dtype))
-        return value * tf.cast(self.present[i], value.dtype)
+        return value if self.present is None else reduce.scale(value, self.present[i])
 
     def _over_processes(self, values: list[tf.Tensor]) -> list[tf.Tensor]:
         if self.backend is None or self.backend.size == 1:
