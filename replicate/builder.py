@@ -14,10 +14,9 @@ from typing import Any, NamedTuple
 import keras
 import tensorflow as tf
 
-from replicate import _keras_compat, meeting, reduce, state, tower_errors
+from replicate import _keras_compat, meeting, reduce, replica, state, tower_errors
 from replicate import merge as _merge
 from replicate.devices import canonical_device, validate_devices
-from replicate.replica import TowerGroup
 from replicate.tower import TowerPass, row_states
 
 LossFn = Callable[..., tf.Tensor]
@@ -165,10 +164,14 @@ class ReplicaBuilder:
     @property
     def synchronized(self) -> bool:
         """Whether a layer meets the other towers mid-pass (synchronized BatchNorm)."""
-        return any(
-            getattr(layer, "synchronized", False) is True
+        return bool(self._synchronized_layers())
+
+    def _synchronized_layers(self) -> list[keras.Layer]:
+        return [
+            layer
             for layer in _keras_compat.sublayers(self.model)
-        )
+            if getattr(layer, "synchronized", False) is True
+        ]
 
     # -- public API ---------------------------------------------------------
 
@@ -258,16 +261,20 @@ class ReplicaBuilder:
             self.errors.record(tf.reduce_sum(slices.sizes))
             return slices
 
-    def group(self, slices: reduce.Slices, **options: Any) -> TowerGroup:
+    def group(self, slices: reduce.Slices, **options: Any) -> replica.TowerGroup:
         """The towers of one step; where layers synchronize the towers, they meet inside
         the graph (a step traced in one process: `replicate.meeting`) or in threads."""
-        if self.synchronized and not options.get("threaded"):
+        synchronized = self._synchronized_layers()
+        for layer in synchronized:
+            # Keras' masked statistics ignore `synchronized`; replicate's don't.
+            _keras_compat.route_masked_moments(layer, replica.masked_moments)
+        if synchronized and not options.get("threaded"):
             alone = self.backend is None or self.backend.size == 1
             in_graph = alone and not tf.executing_eagerly() and meeting.usable(self.devices)
             options.setdefault("in_graph", in_graph)
             options.setdefault("threaded", not options["in_graph"])
             self.met_in_graph |= options["in_graph"]  # read after a failed step
-        return TowerGroup(
+        return replica.TowerGroup(
             self.devices,
             self.variable_device,
             backend=self.backend,
@@ -289,7 +296,9 @@ class ReplicaBuilder:
         with tf.device(self.variable_device):
             return [tf.convert_to_tensor(v.value) for v in variables]
 
-    def forward_passes(self, group: TowerGroup, slices: reduce.Slices, training: bool, watch: bool):
+    def forward_passes(
+        self, group: replica.TowerGroup, slices: reduce.Slices, training: bool, watch: bool
+    ):
         """Every tower's forward pass, and the step's starting state values."""
         self.require_weights()
         values = self._read(self.model.non_trainable_variables)

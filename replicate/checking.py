@@ -24,6 +24,8 @@ never waits for another process.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -130,8 +132,19 @@ def check(
     Raises:
         TypeError: If `model` is not a Keras model.
         ValueError: If the data cannot be looked into (a Python generator):
-            pass one batch instead.
+            pass one batch instead; or if `samples_per_tower` or `batch_size`
+            is not a positive integer, or `rtol` not a positive number.
     """
+    _require_positive_int("samples_per_tower", samples_per_tower)
+    if batch_size is not None:
+        _require_positive_int("batch_size", batch_size)
+    if rtol is not None and (
+        isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0 < rtol < math.inf
+    ):
+        raise ValueError(
+            f"`rtol` must be a positive number (a relative difference, such as 1e-4) or None "
+            f"for the model's default. Received: rtol={rtol!r}"
+        )
     template = getattr(model, "template", None)
     if isinstance(template, keras.Model) and isinstance(
         getattr(model, "builder", None), ReplicaBuilder
@@ -164,7 +177,19 @@ def check(
     report = Report(devices=list(devices), slices=[], rtol=rtol)
     with _without_randomness(template, report):
         comparison.compare(report, template, reference, towers, batch, whole)
+    empty = [i for i, size in enumerate(report.slices) if size == 0]
+    if empty:
+        report.notes.append(
+            f"towers {empty} held no samples: the batch held {sum(report.slices)} for "
+            f"{len(devices)} towers, so only the others were compared; pass a batch of at "
+            f"least {len(devices) + 1} samples to compare every tower"
+        )
     return report
+
+
+def _require_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
 
 
 CHECKS = (True, False, "strict")

@@ -139,6 +139,25 @@ def synchronized_bn(seed=1, synchronized=True):
     )
 
 
+def masked_synchronized_bn(seed=1):
+    """Token ids (0 is padding) through `Embedding(mask_zero=True)`, so the mask reaches a
+    synchronized BatchNormalization; the shape of keras.io's text classifiers."""
+    keras.utils.set_random_seed(seed)
+    tokens = keras.Input((7,), dtype="int32")
+    h = keras.layers.Embedding(20, 8, mask_zero=True)(tokens)
+    h = keras.layers.BatchNormalization(synchronized=True)(h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return keras.Model(tokens, keras.layers.Dense(2)(h))
+
+
+def padded_tokens(samples=50, seed=0):
+    """`(samples, 7)` token ids, each of the last three padded (0) at random, and 2 classes."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(1, 20, size=(samples, 7))
+    x[:, 4:] *= rng.random((samples, 3)) > 0.5
+    return x, rng.integers(0, 2, size=(samples,))
+
+
 def multi_input(seed=2):
     keras.utils.set_random_seed(seed)
     a, b = keras.Input((4,), name="a"), keras.Input((2,), name="b")

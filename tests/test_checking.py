@@ -284,3 +284,32 @@ def test_a_generator_is_refused_with_what_to_pass(devices):
 
     with pytest.raises(ValueError, match=r"cannot look into a Python generator.*one batch"):
         replicate.check(_compiled(_mlp()), batches(), devices=devices[:2])
+
+
+@pytest.mark.parametrize(
+    "argument,value",
+    [
+        ("samples_per_tower", 0),
+        ("samples_per_tower", 1.5),
+        ("samples_per_tower", True),
+        ("batch_size", -4),
+        ("rtol", 0.0),
+        ("rtol", float("nan")),
+        ("rtol", "1e-4"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_the_value(argument, value, devices):
+    # samples_per_tower=0 once compared a batch of 1 sample and said "the same".
+    with pytest.raises(ValueError, match=rf"`{argument}` must be a positive .*{argument}="):
+        replicate.check(_compiled(_mlp()), X, Y, devices=devices[:2], **{argument: value})
+
+
+def test_towers_without_samples_are_named_in_the_report(devices):
+    # A batch of 2 samples for 4 towers: two towers hold stand-in rows, compared to nothing.
+    report = replicate.check(_compiled(_mlp()), X[:2], Y[:2], devices=devices[:4])
+    assert report.slices == [1, 1, 0, 0]
+    assert report.exact
+    assert any(
+        n.startswith("towers [2, 3] held no samples: the batch held 2") for n in report.notes
+    )
+    assert "note: towers [2, 3] held no samples" in str(report)

@@ -35,6 +35,7 @@ from replicate._keras_compat.keras_internals import (
     is_variable,
     loss_tracker,
     optimizer_variables,
+    route_masked_moments,
     set_global_attribute,
     set_initial_epoch,
     set_logits,
@@ -84,6 +85,7 @@ __all__ = [
     "native_hyperparameters",
     "optimizer_variables",
     "pass_through_autograph",
+    "route_masked_moments",
     "set_global_attribute",
     "set_initial_epoch",
     "set_logits",
@@ -106,6 +108,12 @@ def _probe_model() -> keras.Model:
     model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
     model.compile(optimizer="sgd", loss="mse")
     return model
+
+
+def _built_batch_norm() -> keras.layers.BatchNormalization:
+    layer = keras.layers.BatchNormalization()
+    layer.build((None, 2))
+    return layer
 
 
 def _probe_metrics() -> bool:
@@ -144,6 +152,8 @@ def verify() -> list[str]:
         ("Model._loss_tracker", lambda: model._loss_tracker),
         ("Layer._losses_override", lambda: model._losses_override),
         ("Layer._flatten_layers", lambda: model._flatten_layers),
+        ("BatchNormalization._moments", lambda: keras.layers.BatchNormalization._moments),
+        ("BatchNormalization._reduction_axes", lambda: _built_batch_norm()._reduction_axes),
         ("Trainer._initial_epoch", lambda: model._initial_epoch),
         ("Optimizer._trainable_variables", lambda: optimizer._trainable_variables),
         ("Graph._variable_creator_stack", lambda: graph._variable_creator_stack),

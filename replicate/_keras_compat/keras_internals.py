@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Iterator, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import keras
@@ -151,6 +152,38 @@ def is_variable(value: Any) -> bool:
 def sublayers(model: keras.Layer) -> Iterator[keras.Layer]:
     """Every layer inside `model`, nested ones too (`Layer._flatten_layers`, Keras 3.2-3.15)."""
     return model._flatten_layers(include_self=False)
+
+
+def route_masked_moments(layer: keras.Layer, moments: Callable[..., Any]) -> bool:
+    """Makes a `BatchNormalization` compute its masked batch statistics with `moments`.
+
+    Keras computes the statistics of a masked input itself, from the calling
+    replica's own samples, whatever `synchronized` says; only unmasked inputs
+    reach the synchronized path (`BatchNormalization._moments(inputs, mask)` and
+    `_reduction_axes`, Keras 3.2-3.15). Where `mask` is given, the layer's
+    `_moments` becomes `moments(inputs, mask, axes, own)`, `own()` being Keras'
+    computation; without a mask it stays Keras'. The layer keeps this (an
+    instance attribute, which a deep copy carries over to the copy); a subclass
+    with its own `_moments` is left alone.
+
+    Returns:
+        Whether the layer's masked statistics now go through `moments`.
+    """
+    base = keras.layers.BatchNormalization
+    if not isinstance(layer, base) or type(layer)._moments is not base._moments:
+        return False
+    if "_moments" in vars(layer):
+        return True
+
+    def routed(self, inputs, mask):
+        if mask is None or getattr(self, "synchronized", False) is not True:
+            return base._moments(self, inputs, mask)
+        return moments(
+            inputs, mask, self._reduction_axes, lambda: base._moments(self, inputs, mask)
+        )
+
+    object.__setattr__(layer, "_moments", types.MethodType(routed, layer))
+    return True
 
 
 def optimizer_variables(optimizer: keras.optimizers.Optimizer) -> list[Any]:
