@@ -88,7 +88,6 @@ class _Pass:
         model = builder.model
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
         slices = builder.slices(x)
-        self.sizes = [int(n) for n in slices.sizes.numpy()]
         group = builder.group(slices)
         towers, values = builder.forward_passes(group, slices, training, loss)
         self.model_losses = any(
@@ -175,6 +174,8 @@ def compare(
                     f"{error_line(error)})"
                 )
                 return
+            x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
+            report.slices = [int(n) for n in towers.slices(x).sizes.numpy()]
             try:
                 many = _Pass(towers, batch, training, with_loss)
             except Exception as error:
@@ -183,7 +184,6 @@ def compare(
                     f"({type(error).__name__}: {error_line(error)})"
                 )
                 return
-            report.slices = many.sizes
             report.model_losses = report.model_losses or many.model_losses
             _differences(report, one, many, template, f"training={training}")
     else:

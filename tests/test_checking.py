@@ -142,6 +142,8 @@ def test_each_cause_is_named(cause, devices):
     assert not report.exact
     assert len(report.causes) == 1, report.causes
     assert __import__("re").match(pattern, report.causes[0]), report.causes[0]
+    # The towers' slices are reported, a failing slice's too (7 samples, or the whole 40).
+    assert report.slices in ([3, 2, 2], [14, 13, 13]), report.slices
     # The check wrote nothing: weights, state and seeds as before.
     for a, b in zip(before, _state(model), strict=True):
         np.testing.assert_array_equal(a, b)
