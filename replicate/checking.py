@@ -182,7 +182,7 @@ def check(
         report.notes.append(
             f"towers {empty} held no samples: the batch held {sum(report.slices)} for "
             f"{len(devices)} towers, so only the others were compared; pass a batch of at "
-            f"least {len(devices) + 1} samples to compare every tower"
+            f"least {len(devices)} samples to compare every tower"
         )
     return report
 
