@@ -307,13 +307,17 @@ def _name_causes(report: Report, template: keras.Model) -> None:
             f"adding them, so those optimizers update them differently (max relative "
             f"difference {max(v for _, v in squared):.2e}); SGD is exact"
         )
-    step = report.differing("step result") + report.differing("update of")
+    # What the step returns, or (where no other cause explains them) the weights it moved.
+    step = report.differing("step result")
+    if not report.causes:
+        step += report.differing("weight after the step")
     if step:
         what, worst = max(step, key=lambda item: item[1])
         report.causes.append(
             "the model's own train_step gives other results through the towers: each tower "
-            "computes the step's losses on its slice of the batch, so a loss over the whole "
-            f"batch (in-batch, contrastive) differs ({what}: {worst:.2e})"
+            "computes the step's losses on its slice of the batch, so a loss that is not a "
+            "mean over the samples (a sum, or in-batch: contrastive) differs "
+            f"({what}: {worst:.2e})"
         )
     drawing = [
         layer.name
