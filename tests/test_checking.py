@@ -92,27 +92,16 @@ class InBatchContrastive(keras.Model):
         return {"loss": self.tracker.result()}
 
 
-class SummedLoss(keras.Model):
+class SummedLoss(InBatchContrastive):
     """Its own train_step differentiates per-sample losses (`reduction=None`), that is their
     sum, as keras.io's masked language model does; its tracker's mean agrees either way."""
-
-    def __init__(self):
-        super().__init__()
-        self.dense = keras.layers.Dense(3)
-        self.tracker = keras.metrics.Mean(name="loss")
-        self.loss_fn = keras.losses.SparseCategoricalCrossentropy(True, reduction=None)
-
-    def call(self, x):
-        return self.dense(x)
-
-    @property
-    def metrics(self):
-        return [self.tracker]
 
     def train_step(self, data):
         x, y = data
         with tf.GradientTape() as tape:
-            loss = self.loss_fn(y, self(x, training=True))
+            loss = keras.losses.SparseCategoricalCrossentropy(True, reduction=None)(
+                y, self(x, training=True)
+            )
         grads = tape.gradient(loss, self.trainable_weights)
         self.optimizer.apply(grads, self.trainable_weights)
         self.tracker.update_state(loss)
@@ -143,28 +132,16 @@ class NormalizedStep(keras.Model):
         return {"loss": loss}
 
 
-def _normalized_step():
-    keras.utils.set_random_seed(6)
-    model = NormalizedStep()
+def _own_step(cls, seed, optimizer):
+    keras.utils.set_random_seed(seed)
+    model = cls()
     model(X[:1])
-    model.compile(keras.optimizers.Adam(0.01))
-    return model
-
-
-def _summed():
-    keras.utils.set_random_seed(4)
-    model = SummedLoss()
-    model(X[:1])
-    model.compile(keras.optimizers.SGD(0.1))
+    model.compile(optimizer)
     return model
 
 
 def _contrastive():
-    keras.utils.set_random_seed(4)
-    model = InBatchContrastive()
-    model(X[:1])
-    model.compile(keras.optimizers.SGD(0.1))
-    return model
+    return _own_step(InBatchContrastive, 4, keras.optimizers.SGD(0.1))
 
 
 CAUSES = {
@@ -199,7 +176,7 @@ CAUSES = {
     ),
     # Only the weights it moved differ (once: "a reason replicate cannot name").
     "own train_step, summed loss": (
-        _summed,
+        lambda: _own_step(SummedLoss, 4, keras.optimizers.SGD(0.1)),
         r"^the model's own train_step gives other results through the towers: each tower "
         r"computes the step's losses on its slice of the batch, so a loss that is not a mean "
         r"over the samples \(a sum, or in-batch: contrastive\) differs "
@@ -250,7 +227,9 @@ EXACT = {
         _mlp(keras.layers.BatchNormalization(synchronized=True))
     ),
     "two optimizers (own train_step)": lambda: model_zoo.compile_two(model_zoo.two_step()),
-    "own train_step, Adam, a bias before synchronized BatchNormalization": _normalized_step,
+    "own train_step, Adam, a bias before synchronized BatchNormalization": lambda: _own_step(
+        NormalizedStep, 6, keras.optimizers.Adam(0.01)
+    ),
     # The second layer's inputs are normalized already: its moving mean after a step is
     # about 1e-10 on both sides, and only rounding apart (once called a difference).
     "two synchronized BatchNormalizations in a row": lambda: _compiled(

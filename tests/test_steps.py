@@ -143,23 +143,31 @@ def _compile(model):
     return model
 
 
+def _trains_like_one_device(make, compile_model, devices, x, y, batch_size, weight_diff):
+    """Fits `make()` on one device and through `devices`: the first fit's check stays
+    silent, the weights (moving statistics included) and losses agree. Returns the
+    replicated model's template."""
+    single = compile_model(make())
+    expected = single.fit(x, y, batch_size=batch_size, epochs=2, shuffle=False, verbose=0)
+    model = make()
+    parallel = compile_model(replicate.replicate(model, devices))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = parallel.fit(x, y, batch_size=batch_size, epochs=2, shuffle=False, verbose=0)
+    assert [str(w.message) for w in caught if str(w.message).startswith("replicate")] == []
+    assert weight_diff(model, single) <= 1e-5
+    np.testing.assert_allclose(history.history["loss"], expected.history["loss"], rtol=1e-5)
+    return model
+
+
 @pytest.mark.parametrize("towers", [2, 3])
 def test_synchronized_batchnorm_equals_one_device(
     towers, devices, classification_data, weight_diff
 ):
-    x, y = classification_data
-    single = _compile(_synchronized())
-    expected = single.fit(x, y, batch_size=10, epochs=2, shuffle=False, verbose=0).history
-    model = _synchronized()
-    parallel = _compile(replicate.replicate(model, devices[:towers]))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        history = parallel.fit(x, y, batch_size=10, epochs=2, shuffle=False, verbose=0).history
     # The check at the first fit sees the towers equal one device: no false alarm on the
     # biases before the normalization, whose gradients are rounding noise.
-    assert [str(w.message) for w in caught if str(w.message).startswith("replicate")] == []
-    assert weight_diff(model, single) <= 1e-5  # moving statistics included
-    np.testing.assert_allclose(history["loss"], expected["loss"], rtol=1e-5)
+    x, y = classification_data
+    _trains_like_one_device(_synchronized, _compile, devices[:towers], x, y, 10, weight_diff)
 
 
 @pytest.mark.parametrize("towers", [2, 4])
@@ -239,16 +247,15 @@ def test_masked_input_to_synchronized_batchnorm_equals_one_device(
     # `synchronized` says; replicate forms them from every tower's sums (in the graph, and
     # in threads eagerly). Before, 3 towers ended 6.7e-3 away from one device.
     x, y = model_zoo.padded_tokens()
-    single = _compile_masked(model_zoo.masked_synchronized_bn())
-    expected = single.fit(x, y, batch_size=17, epochs=2, shuffle=False, verbose=0).history
-    model = model_zoo.masked_synchronized_bn()
-    parallel = _compile_masked(replicate.replicate(model, devices[:towers]), run_eagerly)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        history = parallel.fit(x, y, batch_size=17, epochs=2, shuffle=False, verbose=0).history
-    assert [str(w.message) for w in caught if str(w.message).startswith("replicate")] == []
-    assert weight_diff(model, single) <= 1e-5  # moving statistics included
-    np.testing.assert_allclose(history["loss"], expected["loss"], rtol=1e-5)
+    model = _trains_like_one_device(
+        model_zoo.masked_synchronized_bn,
+        lambda m: _compile_masked(m, run_eagerly),
+        devices[:towers],
+        x,
+        y,
+        17,
+        weight_diff,
+    )
     # Outside the towers the layer computes as Keras does.
     twin = model_zoo.masked_synchronized_bn()
     twin.set_weights(model.get_weights())
