@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import keras
 import tensorflow as tf
 
-from replicate import _keras_compat, meeting, reduce, replica, state, tower_errors
+from replicate import meeting, moments, reduce, replica, state, tower_errors
 from replicate import merge as _merge
 from replicate.devices import canonical_device, validate_devices
 from replicate.tower import TowerPass, row_states
@@ -119,7 +119,8 @@ class ReplicaBuilder:
             self.errors = tower_errors.TowerErrors(self.devices)
         if require_weights:
             self.require_weights()
-        self.tower_pass = TowerPass(model)
+        self.job = meeting.Job(backend, len(self.devices))
+        self.tower_pass = TowerPass(model, processes=self.job.processes)
         self.state_writer = state.StateWriter(
             model, first_tower=self.global_tower(0), backend=backend
         )
@@ -164,14 +165,7 @@ class ReplicaBuilder:
     @property
     def synchronized(self) -> bool:
         """Whether a layer meets the other towers mid-pass (synchronized BatchNorm)."""
-        return bool(self._synchronized_layers())
-
-    def _synchronized_layers(self) -> list[keras.Layer]:
-        return [
-            layer
-            for layer in _keras_compat.sublayers(self.model)
-            if getattr(layer, "synchronized", False) is True
-        ]
+        return bool(moments.synchronized_layers(self.model))
 
     # -- public API ---------------------------------------------------------
 
@@ -264,14 +258,10 @@ class ReplicaBuilder:
     def group(self, slices: reduce.Slices, **options: Any) -> replica.TowerGroup:
         """The towers of one step; where layers synchronize the towers, they meet inside
         the graph (a step traced in one process: `replicate.meeting`) or in threads."""
-        synchronized = self._synchronized_layers()
-        for layer in synchronized:
-            # Keras' masked statistics ignore `synchronized`; replicate's don't.
-            _keras_compat.route_masked_moments(layer, replica.masked_moments)
-        if synchronized and not options.get("threaded"):
+        if moments.synchronized_layers(self.model) and not options.get("threaded"):
             alone = self.backend is None or self.backend.size == 1
-            in_graph = alone and not tf.executing_eagerly() and meeting.usable(self.devices)
-            options.setdefault("in_graph", in_graph)
+            in_graph = not tf.executing_eagerly() and (alone or self.job.meets())
+            options.setdefault("in_graph", in_graph and meeting.usable(self.devices))
             options.setdefault("threaded", not options["in_graph"])
             self.met_in_graph |= options["in_graph"]  # read after a failed step
         return replica.TowerGroup(

@@ -11,11 +11,19 @@ the towers' devices. Its gradient is a second collective of the same kind. So
 start-up traces the model once whatever the number of towers, as for a model
 without synchronized layers.
 
+Across processes under the collective backend (`replicate launch`), whose
+TensorFlow collective runtime spans the job, each all-reduce is one collective
+over every tower of every process: a group of towers x processes devices, whose
+key every process computes alike, so the sum over the job takes one collective
+and the model is still traced once per process.
+
 Elsewhere the towers meet in threads (`replicate.replica`): eagerly (each
 collective would wait for towers that have not started), across processes
-(the sum goes through the process backend), in a model's own `train_step`,
-and in a process where a step whose towers met in the graph failed
-(`abandon`).
+under Horovod (its all-reduce takes one tensor per process, and a tower
+cannot stand in for its process inside a function that every tower calls), or
+where the processes hold different numbers of towers, in a model's own
+`train_step`, and in a process where a step whose towers met in the graph
+failed (`abandon`).
 
 Keys. A collective is named by a group key (the set of devices) and an
 instance key (one all-reduce). The instance keys of one forward function are
@@ -42,11 +50,14 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
-from replicate import _keras_compat, reduce
+from replicate import _keras_compat, cluster, reduce
 
 _GROUP_BASE = 0x52500000
+_GROUPS_PER_PROCESS = 0x1000
+_JOB_BASE = 0x52400000
 _INSTANCE_BASE = 0x52500000
 _lock = threading.RLock()
 _groups: dict[tuple[str, ...], int] = {}
@@ -109,13 +120,15 @@ def abandon() -> None:
 
 
 def _collective_sum(
-    value: tf.Tensor, devices: Sequence[str], instance: int, **options
+    value: tf.Tensor, group: tuple[int, int], instance: int, **options
 ) -> tf.Tensor:
-    """One all-reduce (sum) of `value` over `devices`, on the current device."""
+    """One all-reduce (sum) of `value` over `group` (its size and key), on the current
+    device."""
+    size, key = group
     return tf.raw_ops.CollectiveReduce(
         input=value,
-        group_size=len(devices),
-        group_key=group_key(devices),
+        group_size=size,
+        group_key=key,
         instance_key=instance,
         merge_op="Add",
         final_op="Id",
@@ -134,7 +147,12 @@ def _probe(devices: tuple[str, ...]) -> None:
             for device in devices:
                 with tf.device(device):
                     summed.append(
-                        _collective_sum(tf.ones([1]), devices, instance, timeout_seconds=60.0)
+                        _collective_sum(
+                            tf.ones([1]),
+                            (len(devices), group_key(devices)),
+                            instance,
+                            timeout_seconds=60.0,
+                        )
                     )
             return summed
 
@@ -143,12 +161,89 @@ def _probe(devices: tuple[str, ...]) -> None:
 
 
 def group_key(devices: Sequence[str]) -> int:
-    """The collective group key of `devices` (one per set of devices, per process)."""
+    """The collective group key of `devices` (one per set of devices, per process).
+
+    The collective backend's runtime resolves groups over the whole job, so each
+    process's keys are its own: they count from a base that its rank sets apart.
+    """
     key = tuple(devices)
     with _lock:
         if key not in _groups:
-            _groups[key] = _GROUP_BASE + len(_groups)
+            _groups[key] = _GROUP_BASE + cluster.process_rank() * _GROUPS_PER_PROCESS + len(_groups)
         return _groups[key]
+
+
+def next_instance() -> int:
+    """The instance key the next new all-reduce of this process would take."""
+    global _instances
+    with _lock:
+        key = next(_instances)
+        _instances = itertools.count(key)
+        return key
+
+
+def align_instances(key: int) -> None:
+    """Makes this process's next new all-reduce take `key` or later: processes that
+    agreed on `key` (the largest of their `next_instance`) then count their keys
+    alike, whatever each counted before."""
+    global _instances
+    with _lock:
+        following = next(_instances)
+        _instances = itertools.count(max(following, key))
+
+
+def job_group(towers: int, processes: int) -> tuple[int, int]:
+    """The group (size, key) of every tower of every process: the same key in each
+    process, set apart from every process's own groups (`group_key`)."""
+    return towers * processes, _JOB_BASE + towers
+
+
+class Job:
+    """Whether the towers of every process of a job meet in one collective.
+
+    They do where the backend's collectives span the job (the collective
+    backend) and every process holds as many towers; the processes are asked
+    once, eagerly, at the first trace whose towers would meet in the graph,
+    with the instance key each would count from next, so that the job's
+    all-reduces take keys every process counts alike.
+
+    Args:
+        backend: The process backend, or `None`.
+        towers: This process's towers.
+    """
+
+    def __init__(self, backend: Any, towers: int) -> None:
+        self.backend = backend
+        self.towers = towers
+        spans = backend is not None and backend.size > 1 and backend.collectives_span_job
+        self.processes = backend.size if spans else 1
+        self._agree: bool | None = None
+
+    def meets(self) -> bool:
+        """Whether this job's towers meet in one collective over every process.
+
+        Raises:
+            ValueError: Under a backend whose collectives do not span the job
+                (Horovod), where the processes hold different numbers of
+                towers: their synchronized layers' meetings would not match.
+        """
+        if self.backend is None or self.backend.size == 1:
+            return False
+        if self._agree is None:
+            row = np.array([self.towers, next_instance()], np.int64)
+            with tf.init_scope():
+                table = self.backend.gather_rows(row)
+            self._agree = bool((table[:, 0] == self.towers).all())
+            align_instances(int(table[:, 1].max()))
+            if not self._agree and self.processes == 1:
+                raise ValueError(
+                    "The processes of this job hold different numbers of towers "
+                    f"({table[:, 0].tolist()}, by rank), and the model has synchronized "
+                    f"layers. Under the {self.backend.name} backend their meetings only match "
+                    "where every process holds as many towers: give each process as many "
+                    "devices, or use `replicate launch` (the collective backend)."
+                )
+        return self._agree and self.processes > 1
 
 
 def call_index(keys: Keys) -> int:
@@ -193,23 +288,36 @@ class Meeting:
             for a stand-in row, which then adds nothing); a function input, so
             that each tower's call supplies its own.
         call: Which forward pass of the step this is (`call_index`).
+        processes: The job's processes, where the towers of every process meet in
+            one collective (the collective backend); 1 for this process's towers.
     """
 
     def __init__(
-        self, devices: Sequence[str], keys: Keys, present: tf.Tensor, call: int = 0
+        self,
+        devices: Sequence[str],
+        keys: Keys,
+        present: tf.Tensor,
+        call: int = 0,
+        processes: int = 1,
     ) -> None:
         self.devices = list(devices)
         self.keys = keys
         self.present = present
         self.call = call
+        self.processes = processes
         self.graph = tf.compat.v1.get_default_graph()  # the forward pass is traced in it
 
     def _sum(self, value: tf.Tensor, direction: str, position: int) -> tf.Tensor:
-        """The sum of every tower's `value` (masked), on the calling tower's device."""
+        """The sum of every tower's `value` (masked), over every process where the towers
+        meet over the job, on the calling tower's device."""
         value = reduce.scale(value, self.present)
-        if len(self.devices) > 1:
-            instance = self.keys.get(self.call, direction, position)
-            value = _collective_sum(value, self.devices, instance)
+        if self.processes > 1:
+            group = job_group(len(self.devices), self.processes)
+        elif len(self.devices) > 1:
+            group = (len(self.devices), group_key(self.devices))
+        else:
+            return value
+        value = _collective_sum(value, group, self.keys.get(self.call, direction, position))
         return reduce.scale(value, self.present)
 
     def all_reduce(self, reduce_op: tf.distribute.ReduceOp, value: Any) -> Any:
@@ -221,7 +329,8 @@ class Meeting:
                 never reach the collective, and the others would wait for it.
         """
         graph = tf.compat.v1.get_default_graph()
-        while len(self.devices) > 1 and graph is not None and graph is not self.graph:
+        meets = len(self.devices) * self.processes > 1
+        while meets and graph is not None and graph is not self.graph:
             if _keras_compat.is_control_flow_graph(graph):
                 raise RuntimeError(
                     "A synchronized layer called `all_reduce` inside `tf.cond`, "

@@ -199,8 +199,31 @@ def run_matrix(out, backend):
         extra = {}
         if name == "mixed_float16":
             extra["scale"] = float(parallel.optimizer.dynamic_scale)
+        if name == "synchronized_bn":
+            extra["traces"] = parallel.builder.tower_pass.traces
+            extra["train_traces"] = parallel.builder.train_traces
         results[name] = {"history": history, **extra}
     return results
+
+
+def uneven_towers(out, backend):
+    """Synchronized BatchNormalization where rank 0 holds 2 towers and rank 1 one: one
+    collective over the job needs as many towers in every process, so under the
+    collective backend they meet in threads and train as one device does; under Horovod
+    the meetings would not match, which is an error."""
+    rank, size = backend.rank, backend.size
+    model = model_zoo.synchronized_bn(seed=11)
+    devices = replicate.process_devices()
+    parallel = replicate.replicate(model, devices if rank == 0 else devices[:1], backend=backend)
+    model_zoo.compile_classifier(parallel)
+    x, y = global_data()
+    xr, yr = rank_batches(x, rank, size), rank_batches(y, rank, size)
+    try:
+        parallel.fit(xr, yr, batch_size=GLOBAL_BATCH // size, epochs=2, shuffle=False, verbose=0)
+    except ValueError as error:
+        return {"error": str(error)}
+    np.savez(out / f"uneven_towers_rank{rank}.npz", *model.get_weights())
+    return {"in_graph": parallel.builder.met_in_graph}
 
 
 # -- scenarios ----------------------------------------------------------------------
@@ -291,6 +314,7 @@ def train(out, backend):
         final[compression] = p.fit(xr, yr, batch_size=8, epochs=20, verbose=0).history["loss"][-1]
     results["final_loss"] = final
     results["matrix"] = run_matrix(out, backend)
+    results["uneven_towers"] = uneven_towers(out, backend)
     # Hundreds of steps later: no thread per collective left behind.
     results["threads"] = [threads_after_first_fit, len(os.listdir("/proc/self/task"))]
     (out / f"results_rank{rank}.json").write_text(json.dumps(results))

@@ -178,7 +178,7 @@ def test_fp16_compression_reaches_the_same_loss(trained):
 @pytest.mark.parametrize("name", list(worker.MATRIX))
 def test_matrix_row_equals_four_local_towers(name, trained, devices):
     """The multi-process column of the README's compatibility matrix."""
-    _, out, ranks, _ = trained
+    backend, out, ranks, _ = trained
     w0, w1 = (_weights(out / f"matrix_{name}_rank{r}.npz") for r in (0, 1))
     for a, b in zip(w0, w1, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -197,8 +197,37 @@ def test_matrix_row_equals_four_local_towers(name, trained, devices):
         )
     if name == "mixed_float16":
         assert got["scale"] == float(parallel.optimizer.dynamic_scale) < 2.0**40
+    if name == "synchronized_bn":
+        # Under the collective backend its sums meet inside the graph over the job: each
+        # traced step traces the forward pass once for both towers. Under Horovod the
+        # towers meet in threads, each tower traced on its own.
+        per_step = 1 if backend == "collective" else 2
+        assert got["train_traces"] >= 1
+        assert got["traces"] == per_step * got["train_traces"]
     if name == "callbacks":  # every process stopped at the same, reduced, epoch
         assert len(history["loss"]) < 8 and min(history["learning_rate"]) < 0.1
+
+
+def test_synchronized_towers_of_uneven_processes_equal_one_device(trained):
+    # Rank 0 holds 2 towers, rank 1 one: no collective over the job (it needs as many
+    # towers everywhere); the towers meet in threads, as one device computes. Under
+    # Horovod such meetings do not match (they hung until the watchdog): an error.
+    backend, out, ranks, _ = trained
+    if backend == "horovod":
+        for r in ranks:
+            assert r["uneven_towers"]["error"].startswith(
+                "The processes of this job hold different numbers of towers ([2, 1], by rank)"
+            )
+        return
+    assert [r["uneven_towers"]["in_graph"] for r in ranks] == [False, False]
+    w0, w1 = (_weights(out / f"uneven_towers_rank{r}.npz") for r in (0, 1))
+    for a, b in zip(w0, w1, strict=True):
+        np.testing.assert_array_equal(a, b)
+    model = model_zoo.synchronized_bn(seed=11)
+    model_zoo.compile_classifier(model)
+    x, y = worker.global_data()
+    model.fit(x, y, batch_size=worker.GLOBAL_BATCH, epochs=2, shuffle=False, verbose=0)
+    assert _max_diff(model.get_weights(), w0) <= 1e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

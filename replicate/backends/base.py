@@ -55,6 +55,10 @@ class Backend:
 
     name: str = "base"
     launcher: str = "launcher"
+    # Whether TensorFlow's collectives form groups over every process's devices (the
+    # collective runtime): a synchronized layer's towers then meet over the job in one
+    # collective inside the graph (`replicate.meeting`).
+    collectives_span_job: bool = False
 
     def __init__(
         self,

@@ -113,6 +113,7 @@ class CollectiveBackend(Backend):
 
     name = "collective"
     launcher = "replicate launch"
+    collectives_span_job = True
 
     def __init__(
         self,
