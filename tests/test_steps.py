@@ -245,7 +245,7 @@ def test_masked_input_to_synchronized_batchnorm_equals_one_device(
 ):
     # Keras computes a masked input's statistics from the replica's own samples, whatever
     # `synchronized` says; replicate forms them from every tower's sums (in the graph, and
-    # in threads eagerly). Before, 3 towers ended 6.7e-3 away from one device.
+    # in threads eagerly). Before, 2 towers ended 6.7e-3 away from one device.
     x, y = model_zoo.padded_tokens()
     model = _trains_like_one_device(
         model_zoo.masked_synchronized_bn,
