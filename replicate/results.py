@@ -136,7 +136,8 @@ def warn_sparse(template: keras.Model, grads: Sequence[Any]) -> None:
             f"replicate: the gradients of {', '.join(f'`{n}`' for n in names)} are sparse "
             "(an embedding lookup) and are summed densely across processes, while "
             f"{type(optimizer).__name__} on one device squares each looked-up row on its own: "
-            "where an id appears more than once in a global batch, those rows train slightly "
-            "differently from one device. SGD is exact; within one process the towers are.",
+            "where an id appears more than once in a global batch, those rows train "
+            "differently from one device, the more so the more often ids repeat. SGD is exact; "
+            "within one process the towers are.",
             stacklevel=2,
         )
