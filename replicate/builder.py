@@ -257,7 +257,8 @@ class ReplicaBuilder:
 
     def group(self, slices: reduce.Slices, **options: Any) -> replica.TowerGroup:
         """The towers of one step; where layers synchronize the towers, they meet inside
-        the graph (a step traced in one process: `replicate.meeting`) or in threads."""
+        the graph (a traced step, in one process or over the job: `replicate.meeting`) or
+        in threads."""
         if moments.synchronized_layers(self.model) and not options.get("threaded"):
             alone = self.backend is None or self.backend.size == 1
             in_graph = not tf.executing_eagerly() and (alone or self.job.meets())
