@@ -259,7 +259,7 @@ class ReplicaBuilder:
         """The towers of one step; where layers synchronize the towers, they meet inside
         the graph (a traced step, in one process or over the job: `replicate.meeting`) or
         in threads."""
-        if moments.synchronized_layers(self.model) and not options.get("threaded"):
+        if moments.route(self.model) and not options.get("threaded"):
             alone = self.backend is None or self.backend.size == 1
             in_graph = not tf.executing_eagerly() and (alone or self.job.meets())
             options.setdefault("in_graph", in_graph and meeting.usable(self.devices))

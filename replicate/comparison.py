@@ -18,7 +18,7 @@ import tensorflow as tf
 from replicate import _keras_compat, merge, reduce, step_comparison, steps
 from replicate.builder import ReplicaBuilder
 from replicate.state import owner
-from replicate.step_comparison import error_line, relative_difference
+from replicate.step_comparison import error_line, noise_floor, relative_difference
 from replicate.tower import is_seed_state, row_states
 
 DEFAULT_RTOL = 1e-4
@@ -219,9 +219,9 @@ def _differences(report: Report, one: _Pass, many: _Pass, template, mode: str) -
     # A gradient that is zero in exact arithmetic (a bias before BatchNormalization) is
     # rounding noise on both sides: measure it against 1% of the gradients' scale (float32
     # rounding through a synchronized BatchNormalization's sums reaches 1.5e-7 of it).
-    scale = max((float(np.max(np.abs(b))) for _, _, b in grads if b.size), default=0.0)
+    floor = noise_floor(b for _, _, b in grads)
     for variable, a, b in grads:
-        value = relative_difference(a, b, floor=max(1e-2 * scale, 1e-12))
+        value = relative_difference(a, b, floor)
         report.differences.append((f"gradient {variable.path}, {mode}", value))
     # SGD is linear in the gradient: only the rows' sums matter to it.
     linear = isinstance(getattr(template, "optimizer", None), keras.optimizers.SGD)
@@ -233,14 +233,12 @@ def _differences(report: Report, one: _Pass, many: _Pass, template, mode: str) -
     # A state that is zero in exact arithmetic (the moving mean of inputs a layer before
     # already normalized) is rounding noise on both sides too: measured against 1% of the
     # largest state of its layer (there, the moving variance).
-    layer_scale: dict[str, float] = {}
+    by_layer: dict[str, list[Any]] = {}
     for path, b in one.state.items():
-        layer = path.rpartition("/")[0]
-        size = float(np.max(np.abs(np.asarray(b, np.float64)))) if np.size(b) else 0.0
-        layer_scale[layer] = max(layer_scale.get(layer, 0.0), size)
+        by_layer.setdefault(path.rpartition("/")[0], []).append(b)
     for path in sorted(set(one.state) | set(many.state)):
         a, b = many.state.get(path), one.state.get(path)
-        floor = max(1e-2 * layer_scale.get(path.rpartition("/")[0], 0.0), 1e-12)
+        floor = noise_floor(by_layer.get(path.rpartition("/")[0], []))
         value = float("inf") if a is None or b is None else relative_difference(a, b, floor)
         report.differences.append((f"state {path}, {mode}", value))
 

@@ -43,7 +43,6 @@ devices of one process as well as GPUs.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import threading
 import warnings
 import weakref
@@ -61,7 +60,7 @@ _JOB_BASE = 0x52400000
 _INSTANCE_BASE = 0x52500000
 _lock = threading.RLock()
 _groups: dict[tuple[str, ...], int] = {}
-_instances = itertools.count(_INSTANCE_BASE)
+_next_instance = _INSTANCE_BASE  # the instance key the next new all-reduce takes
 _tracing = threading.local()
 _calls: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _abandoned = False
@@ -139,7 +138,7 @@ def _collective_sum(
 
 def _probe(devices: tuple[str, ...]) -> None:
     if devices not in _probes:
-        instance = next(_instances)
+        instance = _new_instance()
 
         @tf.function(autograph=False)
         def probe():
@@ -173,23 +172,25 @@ def group_key(devices: Sequence[str]) -> int:
         return _groups[key]
 
 
+def _new_instance() -> int:
+    global _next_instance
+    with _lock:
+        _next_instance += 1
+        return _next_instance - 1
+
+
 def next_instance() -> int:
     """The instance key the next new all-reduce of this process would take."""
-    global _instances
-    with _lock:
-        key = next(_instances)
-        _instances = itertools.count(key)
-        return key
+    return _next_instance
 
 
 def align_instances(key: int) -> None:
     """Makes this process's next new all-reduce take `key` or later: processes that
     agreed on `key` (the largest of their `next_instance`) then count their keys
     alike, whatever each counted before."""
-    global _instances
+    global _next_instance
     with _lock:
-        following = next(_instances)
-        _instances = itertools.count(max(following, key))
+        _next_instance = max(_next_instance, key)
 
 
 def job_group(towers: int, processes: int) -> tuple[int, int]:
@@ -274,7 +275,7 @@ class Keys:
         key = (call, direction, position)
         with _lock:
             if key not in self._keys:
-                self._keys[key] = next(_instances)
+                self._keys[key] = _new_instance()
             return self._keys[key]
 
 

@@ -21,13 +21,22 @@ from replicate.replica import TowerContext
 
 
 def synchronized_layers(model: keras.Model) -> list[keras.Layer]:
-    """The layers of `model` that meet the other towers mid-pass (`synchronized = True`),
-    their masked statistics routed through `masked_moments`."""
-    layers = [
+    """The layers of `model` that meet the other towers mid-pass (`synchronized = True`)."""
+    return [
         layer
         for layer in _keras_compat.sublayers(model)
         if getattr(layer, "synchronized", False) is True
     ]
+
+
+def route(model: keras.Model) -> list[keras.Layer]:
+    """Routes the masked statistics of `model`'s synchronized layers through
+    `masked_moments` (once per layer; later calls find it done).
+
+    Returns:
+        The synchronized layers (`synchronized_layers`).
+    """
+    layers = synchronized_layers(model)
     for layer in layers:
         _keras_compat.route_masked_moments(layer, masked_moments)
     return layers

@@ -13,6 +13,7 @@ steps of the learning rate's size, on one device too, and call it a difference.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import keras
@@ -34,6 +35,14 @@ def relative_difference(a: Any, b: Any, floor: float = 1e-12) -> float:
     if a.size == 0:
         return 0.0
     return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), floor))
+
+
+def noise_floor(values: Iterable[Any]) -> float:
+    """The least denominator for a quantity of the kind `values` hold: 1% of their largest
+    magnitude (a quantity zero in exact arithmetic is rounding noise of about that kind's
+    scale), and never below 1e-12."""
+    largest = max((float(np.max(np.abs(np.asarray(v)))) for v in values if np.size(v)), default=0.0)
+    return max(1e-2 * largest, 1e-12)
 
 
 def error_line(error: BaseException) -> str:
@@ -101,9 +110,9 @@ def compare_step(
         return
     for key in sorted(set(one) & set(many)):
         report.differences.append((key, relative_difference(many[key], one[key])))
-    scale = max((float(np.max(np.abs(v))) for v in one_weights.values() if v.size), default=0.0)
+    floor = noise_floor(one_weights.values())
     for path, value in one_weights.items():
-        difference = relative_difference(many_weights[path], value, floor=max(1e-2 * scale, 1e-12))
+        difference = relative_difference(many_weights[path], value, floor)
         report.differences.append((f"weight after the step {path}", difference))
 
 

@@ -154,7 +154,7 @@ def sublayers(model: keras.Layer) -> Iterator[keras.Layer]:
     return model._flatten_layers(include_self=False)
 
 
-def route_masked_moments(layer: keras.Layer, moments: Callable[..., Any]) -> bool:
+def route_masked_moments(layer: keras.Layer, moments: Callable[..., Any]) -> None:
     """Makes a `BatchNormalization` compute its masked batch statistics with `moments`.
 
     Keras computes the statistics of a masked input itself, from the calling
@@ -164,16 +164,13 @@ def route_masked_moments(layer: keras.Layer, moments: Callable[..., Any]) -> boo
     `_moments` becomes `moments(inputs, mask, axes, own)`, `own()` being Keras'
     computation; without a mask it stays Keras'. The layer keeps this (an
     instance attribute, which a deep copy carries over to the copy); a subclass
-    with its own `_moments` is left alone.
-
-    Returns:
-        Whether the layer's masked statistics now go through `moments`.
+    with its own `_moments` is left alone, and a layer already routed is left as it is.
     """
     base = keras.layers.BatchNormalization
     if not isinstance(layer, base) or type(layer)._moments is not base._moments:
-        return False
+        return
     if "_moments" in vars(layer):
-        return True
+        return
 
     def routed(self, inputs, mask):
         if mask is None or getattr(self, "synchronized", False) is not True:
@@ -183,7 +180,6 @@ def route_masked_moments(layer: keras.Layer, moments: Callable[..., Any]) -> boo
         )
 
     object.__setattr__(layer, "_moments", types.MethodType(routed, layer))
-    return True
 
 
 def optimizer_variables(optimizer: keras.optimizers.Optimizer) -> list[Any]:
