@@ -120,7 +120,7 @@ class ReplicaBuilder:
         if require_weights:
             self.require_weights()
         self.job = meeting.Job(backend, len(self.devices))
-        self.tower_pass = TowerPass(model, processes=self.job.processes)
+        self.tower_pass = TowerPass(model, job=self.job)
         self.state_writer = state.StateWriter(
             model, first_tower=self.global_tower(0), backend=backend
         )
@@ -260,8 +260,7 @@ class ReplicaBuilder:
         the graph (a traced step, in one process or over the job: `replicate.meeting`) or
         in threads."""
         if moments.route(self.model) and not options.get("threaded"):
-            alone = self.backend is None or self.backend.size == 1
-            in_graph = not tf.executing_eagerly() and (alone or self.job.meets())
+            in_graph = not tf.executing_eagerly() and self.job.meets()
             options.setdefault("in_graph", in_graph and meeting.usable(self.devices))
             options.setdefault("threaded", not options["in_graph"])
             self.met_in_graph |= options["in_graph"]  # read after a failed step

@@ -11,17 +11,19 @@ the towers' devices. Its gradient is a second collective of the same kind. So
 start-up traces the model once whatever the number of towers, as for a model
 without synchronized layers.
 
-Across processes under the collective backend (`replicate launch`), whose
-TensorFlow collective runtime spans the job, each all-reduce is one collective
-over every tower of every process: a group of towers x processes devices, whose
-key every process computes alike, so the sum over the job takes one collective
-and the model is still traced once per process.
+Across processes, each sum still takes one traced function. Under the collective
+backend (`replicate launch`), whose TensorFlow collective runtime spans the job,
+it is one collective over every tower of every process: a group of towers x
+processes devices, whose key every process computes alike. Under Horovod, each
+tower's call sums its process's towers (the collective above), then all-reduces
+that sum over the processes with Horovod's op; Horovod matches ops by their node
+names, which the inlining prefixes with the calling tower's, alike in every
+process, so tower k of each process meets tower k of the others. Both need as
+many towers in every process (`Job`).
 
 Elsewhere the towers meet in threads (`replicate.replica`): eagerly (each
-collective would wait for towers that have not started), across processes
-under Horovod (its all-reduce takes one tensor per process, and a tower
-cannot stand in for its process inside a function that every tower calls), or
-where the processes hold different numbers of towers, in a model's own
+collective would wait for towers that have not started), where the processes of
+a collective job hold different numbers of towers, in a model's own
 `train_step`, and in a process where a step whose towers met in the graph
 failed (`abandon`).
 
@@ -200,13 +202,14 @@ def job_group(towers: int, processes: int) -> tuple[int, int]:
 
 
 class Job:
-    """Whether the towers of every process of a job meet in one collective.
+    """How the towers of a job's processes meet inside the graph, if they do.
 
-    They do where the backend's collectives span the job (the collective
-    backend) and every process holds as many towers; the processes are asked
-    once, eagerly, at the first trace whose towers would meet in the graph,
-    with the instance key each would count from next, so that the job's
-    all-reduces take keys every process counts alike.
+    They do where every process holds as many towers: in one collective over the
+    job where the backend's collectives span it (`processes` > 1: the collective
+    backend), else by the backend's `tower_sum` in each tower (`process_sum`:
+    Horovod). The processes are asked once, eagerly, at the first trace whose
+    towers would meet in the graph, with the instance key each would count from
+    next, so that the job's all-reduces take keys every process counts alike.
 
     Args:
         backend: The process backend, or `None`.
@@ -216,20 +219,24 @@ class Job:
     def __init__(self, backend: Any, towers: int) -> None:
         self.backend = backend
         self.towers = towers
-        spans = backend is not None and backend.size > 1 and backend.collectives_span_job
+        several = backend is not None and backend.size > 1
+        spans = several and backend.collectives_span_job
         self.processes = backend.size if spans else 1
+        self.process_sum = backend.tower_sum if several and not spans else None
         self._agree: bool | None = None
 
     def meets(self) -> bool:
-        """Whether this job's towers meet in one collective over every process.
+        """Whether this job's towers may meet inside the graph: always in one process;
+        over every process where each holds as many towers.
 
         Raises:
             ValueError: Under a backend whose collectives do not span the job
                 (Horovod), where the processes hold different numbers of
-                towers: their synchronized layers' meetings would not match.
+                towers: tower k of one process would wait for a tower k that
+                another process does not hold.
         """
         if self.backend is None or self.backend.size == 1:
-            return False
+            return True
         if self._agree is None:
             row = np.array([self.towers, next_instance()], np.int64)
             with tf.init_scope():
@@ -244,7 +251,7 @@ class Job:
                     "where every process holds as many towers: give each process as many "
                     "devices, or use `replicate launch` (the collective backend)."
                 )
-        return self._agree and self.processes > 1
+        return self._agree
 
 
 def call_index(keys: Keys) -> int:
@@ -289,8 +296,8 @@ class Meeting:
             for a stand-in row, which then adds nothing); a function input, so
             that each tower's call supplies its own.
         call: Which forward pass of the step this is (`call_index`).
-        processes: The job's processes, where the towers of every process meet in
-            one collective (the collective backend); 1 for this process's towers.
+        job: How the towers meet over the job's processes (`Job`), or `None` for
+            this process's towers only.
     """
 
     def __init__(
@@ -299,13 +306,14 @@ class Meeting:
         keys: Keys,
         present: tf.Tensor,
         call: int = 0,
-        processes: int = 1,
+        job: Job | None = None,
     ) -> None:
         self.devices = list(devices)
         self.keys = keys
         self.present = present
         self.call = call
-        self.processes = processes
+        self.processes = 1 if job is None else job.processes
+        self.process_sum = None if job is None else job.process_sum
         self.graph = tf.compat.v1.get_default_graph()  # the forward pass is traced in it
 
     def _sum(self, value: tf.Tensor, direction: str, position: int) -> tf.Tensor:
@@ -317,8 +325,11 @@ class Meeting:
         elif len(self.devices) > 1:
             group = (len(self.devices), group_key(self.devices))
         else:
-            return value
-        value = _collective_sum(value, group, self.keys.get(self.call, direction, position))
+            group = None
+        if group is not None:
+            value = _collective_sum(value, group, self.keys.get(self.call, direction, position))
+        if self.process_sum is not None:
+            value = self.process_sum(value)
         return reduce.scale(value, self.present)
 
     def all_reduce(self, reduce_op: tf.distribute.ReduceOp, value: Any) -> Any:
@@ -330,7 +341,7 @@ class Meeting:
                 never reach the collective, and the others would wait for it.
         """
         graph = tf.compat.v1.get_default_graph()
-        meets = len(self.devices) * self.processes > 1
+        meets = len(self.devices) * self.processes > 1 or self.process_sum is not None
         while meets and graph is not None and graph is not self.graph:
             if _keras_compat.is_control_flow_graph(graph):
                 raise RuntimeError(

@@ -6,10 +6,11 @@ which is what the tower's code sees as `tf.distribute.get_replica_context()`.
 Where the towers need nothing from each other (a plain model's forward or
 backward pass), they run one after another in the caller's thread. So they
 do where a synchronized layer's sums are their only meetings and the step is
-traced, in one process or under the collective backend: the sums are then
-collectives inside the one traced forward function (`replicate.meeting`).
-Otherwise (eagerly, under Horovod, a model's own `train_step`) each tower runs
-in a thread of its own, and the threads meet:
+traced, in one process or in a job whose processes hold as many towers: the
+sums are then collectives inside the one traced forward function
+(`replicate.meeting`). Otherwise (eagerly, uneven towers per process under the
+collective backend, a model's own `train_step`) each tower runs in a thread of
+its own, and the threads meet:
 
 - at `all_reduce` (what Keras' `BatchNormalization(synchronized=True)` calls
   on its batch sums): every tower hands its value, the sum over the towers

@@ -124,15 +124,13 @@ class TowerPass:
     Args:
         model: The template (its variables live on the variable device).
         jit_compile: Compile each tower's forward pass with XLA.
-        processes: The job's processes where every process's towers meet in one
-            collective (`replicate.meeting`; the collective backend), else 1.
+        job: How its in-graph all-reduces meet over the job's processes
+            (`replicate.meeting.Job`), or `None` for this process's towers only.
     """
 
-    def __init__(
-        self, model: keras.Model, *, jit_compile: bool = False, processes: int = 1
-    ) -> None:
+    def __init__(self, model: keras.Model, *, jit_compile: bool = False, job: Any = None) -> None:
         self.model = model
-        self.processes = processes  # whose towers its in-graph all-reduces meet (`meeting`)
+        self.job = job
         self.jit_compile = jit_compile
         self._training_arg = _call_accepts_training(model)
         self._functions: dict[bool, Callable[..., Any]] = {}
@@ -167,7 +165,7 @@ class TowerPass:
         self.traces += 1
         in_graph = None
         if present is not None:
-            in_graph = meeting.Meeting(devices, self.keys, present, call, self.processes)
+            in_graph = meeting.Meeting(devices, self.keys, present, call, self.job)
         model = self.model
         row_variables = row_states(model)
         mapping = list(zip(model.trainable_variables, trainable)) + list(

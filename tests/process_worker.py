@@ -202,15 +202,16 @@ def run_matrix(out, backend):
         if name == "synchronized_bn":
             extra["traces"] = parallel.builder.tower_pass.traces
             extra["train_traces"] = parallel.builder.train_traces
+            extra["in_graph"] = parallel.builder.met_in_graph
         results[name] = {"history": history, **extra}
     return results
 
 
 def uneven_towers(out, backend):
-    """Synchronized BatchNormalization where rank 0 holds 2 towers and rank 1 one: one
-    collective over the job needs as many towers in every process, so under the
-    collective backend they meet in threads and train as one device does; under Horovod
-    the meetings would not match, which is an error."""
+    """Synchronized BatchNormalization where rank 0 holds 2 towers and rank 1 one: meeting
+    inside the graph needs as many towers in every process, so under the collective
+    backend they meet in threads and train as one device does; under Horovod tower k of
+    one process would wait for a tower k another process does not hold: an error."""
     rank, size = backend.rank, backend.size
     model = model_zoo.synchronized_bn(seed=11)
     devices = replicate.process_devices()

@@ -202,6 +202,17 @@ class Backend:
             return self.watchdog.waiting()
         return contextlib.nullcontext()
 
+    def tower_sum(self, value: tf.Tensor) -> tf.Tensor:
+        """The sum of `value` over the job's processes, as an op of the function being
+        traced, in a tower's copy of a function that every tower of this process calls
+        (`replicate.meeting`: a synchronized layer's sums, where the backend's
+        collectives do not span the job).
+
+        Raises:
+            NotImplementedError: Where the backend has none.
+        """
+        raise NotImplementedError(f"The {self.name} backend sums no tensor per tower.")
+
     def gather_rows(self, row: np.ndarray) -> np.ndarray:
         """Every process's `row` (int64, the same length everywhere), eagerly.
 

@@ -100,6 +100,13 @@ class HorovodBackend(Backend):
     def _all_sum(self, tensors: list[tf.Tensor]) -> list[tf.Tensor]:
         return list(self._hvd.grouped_allreduce(tensors, op=self._hvd.Sum))
 
+    def tower_sum(self, value: tf.Tensor) -> tf.Tensor:
+        # Unnamed on purpose: Horovod matches an op by its node's name, which the inlining
+        # of each tower's call prefixes with that call's name, alike in every process, so
+        # tower k of each process meets tower k of the others. One name would be submitted
+        # once per tower by every process.
+        return self._hvd.allreduce(value, op=self._hvd.Sum)
+
     def _all_max(self, value: tf.Tensor) -> tf.Tensor:
         return self._hvd.allreduce(tf.reshape(value, (1,)), op=self._hvd.Max)[0]
 
