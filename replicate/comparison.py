@@ -161,6 +161,8 @@ def compare(
         or bool(template.losses)
     )
     if has_call:
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
+        report.slices = [int(n) for n in towers.slices(x).sizes.numpy()]
         for training in (False, True):
             with_loss = training and has_loss
             try:
@@ -174,8 +176,6 @@ def compare(
                     f"{error_line(error)})"
                 )
                 return
-            x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
-            report.slices = [int(n) for n in towers.slices(x).sizes.numpy()]
             try:
                 many = _Pass(towers, batch, training, with_loss)
             except Exception as error:
