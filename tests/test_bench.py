@@ -125,17 +125,33 @@ def test_agreement_token_cost_outputs(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["startup", "overhead"])
 def test_startup_and_overhead_outputs(command, tmp_path):
-    extra = ["--model", "mlp"] if command == "startup" else ["--steps", "5", "--repeats", "1"]
+    extra = (
+        ["--model", "mlp", "--phases"]
+        if command == "startup"
+        else ["--steps", "5", "--repeats", "1"]
+    )
     result = _run(command, *extra, "--devices", "2", "--processes", "1", "--output", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads((tmp_path / f"{command}.json").read_text())
     unit = "seconds" if command == "startup" else "ms_per_step"
     cells = {(r["method"], r["towers"]): r[f"{unit}_best"] for r in payload["records"]}
-    assert sorted(cells) == [("mirrored", 1), ("mirrored", 2), ("replicate", 1), ("replicate", 2)]
+    methods = ["mirrored", "replicate"]
+    if command == "startup":  # --phases: replicate again, in processes with Grappler off
+        methods.append("replicate, Grappler off")
+    assert sorted(cells) == [(m, n) for m in methods for n in (1, 2)]
     assert all(value > 0 for value in cells.values())
     table = (tmp_path / f"{command}.md").read_text()
     assert "| replicate | " in table and "| mirrored | " in table
     assert ("take" if command == "startup" else "ms per added tower") in table
+    if command == "startup":
+        by = {(r["method"], r["towers"]): r for r in payload["records"]}
+        assert [by["replicate", n]["grappler"] for n in (1, 2)] == [True, True]
+        assert [by["replicate, Grappler off", n]["grappler"] for n in (1, 2)] == [False, False]
+        two = by["replicate", 2]
+        assert 0 < two["again_median"] < two["seconds_median"]
+        assert 0 < two["traced_median"] < two["seconds_median"]
+        assert "| towers | first fit | tracing | Grappler | the step | the rest |" in table
+        assert "\n| 2 | " in table.split("## Where replicate's first step goes")[1]
 
 
 def test_the_synchronized_startup_model_synchronizes_every_batchnorm():

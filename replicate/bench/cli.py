@@ -91,6 +91,12 @@ def parser() -> argparse.ArgumentParser:
         help="ResNet50V2 on 32x32x3 (default), the same with synchronized "
         "BatchNormalization (resnet-sync), or the MLP 32-32-10",
     )
+    st.add_argument(
+        "--phases",
+        action="store_true",
+        help="also split replicate's first step: again with TensorFlow's graph optimizer "
+        "(Grappler) off, and the second one-step fit (no tracing)",
+    )
     for name in ("startup", "overhead"):
         commands.choices[name].set_defaults(devices=8)
     return top

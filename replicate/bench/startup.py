@@ -2,7 +2,11 @@
 
 `startup`: the first `fit` of one step, tracing included, in a fresh process
 for each figure, at 1, 2, 4 and 8 towers (replicas): how long users of a
-wide box wait before anything trains. `overhead`: a model whose compute is
+wide box wait before anything trains. With `--phases`, replicate's first step
+is split: the second one-step `fit` of the same process is the step without
+tracing, and a first `fit` in a process whose graph optimizer (Grappler) is
+off (`tf.config.optimizer.set_experimental_options`, an experiment only:
+later steps then run unoptimized) gives Grappler's share. `overhead`: a model whose compute is
 negligible (an MLP 32-32-10, batch 64), so that what grows with the towers is
 the framework's own cost per tower; best of 3 timed epochs of 200 steps, in
 a fresh process for each figure.
@@ -18,6 +22,7 @@ from typing import Any
 from replicate.bench import machine, report, runner
 
 METHODS = ("replicate", "mirrored")
+GRAPPLER_OFF = "replicate, Grappler off"  # a `--phases` run: replicate's first step split
 COUNTS = (1, 2, 4, 8)
 
 
@@ -70,12 +75,34 @@ def _build(spec: dict[str, Any], devices: list[str]):
 
 
 def startup_worker(spec: dict[str, Any], devices: list[str]) -> None:
-    """Seconds of the first one-step `fit` (model built before the clock starts)."""
+    """Seconds of the first one-step `fit` (model built before the clock starts), and of
+    the second (`again`: the same step, traced and optimized already)."""
+    import tensorflow as tf
+
+    if spec.get("grappler") is False:
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    grappler = not tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer")
     model = _build(spec, devices)
     x, y = _data(spec["model"], spec["per_tower"] * len(devices))
-    start = time.perf_counter()
-    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
-    runner.emit({"seconds": time.perf_counter() - start})
+    traced = [0.0]  # seconds in `train_step`'s Python: it runs only while the step is traced
+    train_step = model.train_step
+
+    def timed_train_step(data):
+        start = time.perf_counter()
+        try:
+            return train_step(data)
+        finally:
+            traced[0] += time.perf_counter() - start
+
+    model.train_step = timed_train_step
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
+        seconds.append(time.perf_counter() - start)
+    runner.emit(
+        {"seconds": seconds[0], "again": seconds[1], "traced": traced[0], "grappler": grappler}
+    )
 
 
 def overhead_worker(spec: dict[str, Any], devices: list[str]) -> None:
@@ -99,15 +126,26 @@ def run(args) -> dict[str, Any]:
         "repeats": args.repeats or 3,
     }
     processes = args.processes or (1 if args.quick else 2)
-    runs = [(m, n, p) for p in range(processes) for n in counts for m in METHODS]
+    methods = [*METHODS, *([GRAPPLER_OFF] if getattr(args, "phases", False) else [])]
+    runs = [(m, n, p) for p in range(processes) for n in counts for m in methods]
     progress = runner.progress(len(runs), kind)
     raw: dict[tuple[str, int], list[float]] = {}
+    again: dict[tuple[str, int], list[float]] = {}
+    traced: dict[tuple[str, int], list[float]] = {}
+    grappler: dict[tuple[str, int], bool] = {}
     for method, n, _ in runs:
+        worker_spec = {**spec, "method": "replicate" if method == GRAPPLER_OFF else method}
+        if method == GRAPPLER_OFF:
+            worker_spec["grappler"] = False
         result = runner.run_worker(
-            "replicate.bench.worker", {**spec, "method": method, "devices": n}, timeout=1800
+            "replicate.bench.worker", {**worker_spec, "devices": n}, timeout=1800
         )
         values = [result["seconds"]] if kind == "startup" else result["ms_per_step"]
         raw.setdefault((method, n), []).extend(values)
+        if "again" in result:
+            again.setdefault((method, n), []).append(result["again"])
+            traced.setdefault((method, n), []).append(result["traced"])
+            grappler[method, n] = result["grappler"]
         progress.add(1)
     unit = "seconds" if kind == "startup" else "ms_per_step"
     records = [
@@ -117,6 +155,15 @@ def run(args) -> dict[str, Any]:
             f"{unit}_best": min(values),
             f"{unit}_median": runner.median(values),
             "samples": values,
+            **(
+                {
+                    "again_median": runner.median(again[method, n]),
+                    "traced_median": runner.median(traced[method, n]),
+                    "grappler": grappler[method, n],
+                }
+                if (method, n) in again
+                else {}
+            ),
         }
         for (method, n), values in sorted(raw.items())
     ]
@@ -176,4 +223,36 @@ def markdown(payload: dict[str, Any]) -> str:
             else:
                 per = (b[unit + "_best"] - a[unit + "_best"]) / (last - first)
                 lines.append(f"\n{method}: {per:.3f} ms per added tower (best).")
+    if startup and any(r["method"] == GRAPPLER_OFF for r in payload["records"]):
+        lines += ["", *_phases(by, s["counts"])]
     return "\n".join(lines) + "\n"
+
+
+def _phases(by: dict[tuple[str, int], dict[str, Any]], counts: list[int]) -> list[str]:
+    """Where replicate's first step goes, from medians: the Python of `train_step`
+    (tracing), Grappler's share (the first fit less the first fit with Grappler off,
+    whose unoptimized kernels make it a lower bound), the step itself (the second
+    fit), and the rest (the traced function's finishing, instantiating the step's
+    kernels on each device, the fit's own set-up)."""
+    lines = [
+        "## Where replicate's first step goes",
+        "",
+        "Seconds, medians. Tracing: the Python of `train_step` (it runs only while the step "
+        "is traced). Grappler: the first fit less the first fit in a process whose graph "
+        "optimizer is off (a lower bound: its kernels run unoptimized). The step: the second "
+        "one-step fit of the same process. The rest: finishing the traced function, "
+        "instantiating the step's kernels on each device, and the fit's own set-up.",
+        "",
+        "| towers | first fit | tracing | Grappler | the step | the rest |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in counts:
+        on, off = by.get(("replicate", n)), by.get((GRAPPLER_OFF, n))
+        if on is None or off is None or "again_median" not in on:
+            continue
+        first, step, trace = on["seconds_median"], on["again_median"], on["traced_median"]
+        grappler = first - off["seconds_median"]
+        rest = first - trace - grappler - step
+        cells = " | ".join(f"{v:.2f}" for v in (first, trace, grappler, step, rest))
+        lines.append(f"| {n} | {cells} |")
+    return lines
