@@ -329,7 +329,7 @@ class Meeting:
         if group is not None:
             value = _collective_sum(value, group, self.keys.get(self.call, direction, position))
         if self.process_sum is not None:
-            value = self.process_sum(value)
+            value = self.process_sum(value, f"replicate_meeting_{self.call}_{direction}_{position}")
         return reduce.scale(value, self.present)
 
     def all_reduce(self, reduce_op: tf.distribute.ReduceOp, value: Any) -> Any:

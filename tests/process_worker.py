@@ -458,7 +458,10 @@ def names_case(out, backend, case):
     else:
         if case == "extra" and rank == 0:
             keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])  # shifts dense_N names
-        model = model_zoo.mlp(seed=100 + rank)
+        if case == "synchronized" and rank == 0:
+            keras.layers.BatchNormalization()  # shifts batch_normalization_N names
+        make = model_zoo.synchronized_bn if case == "synchronized" else model_zoo.mlp
+        model = make(seed=100 + rank)
         model_zoo.compile_classifier(model, keras.optimizers.SGD(0.1, momentum=0.5))
     names = [v.value.name for v in model.variables]
     parallel = replicate.replicate(model, backend=backend)
@@ -595,7 +598,7 @@ def shuffle_case(backend):
 
 def agree(out, backend):
     results = {}
-    for case in ("loaded", "extra"):
+    for case in ("loaded", "extra", "synchronized"):
         results[f"names_{case}"] = names_case(out, backend, case)
     for kind in ("dataset", "generator", "generator_ran_out"):
         results[f"steps_{kind}"] = steps_case(out, backend, kind)

@@ -1,5 +1,6 @@
 """The benchmark suite in a tiny configuration: outputs, agreement check, errors."""
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -143,6 +144,7 @@ def test_startup_and_overhead_outputs(command, tmp_path):
     table = (tmp_path / f"{command}.md").read_text()
     assert "| replicate | " in table and "| mirrored | " in table
     assert ("take" if command == "startup" else "ms per added tower") in table
+    assert payload["machine"]["replicate"] == importlib.metadata.version("keras-replicate")
     if command == "startup":
         by = {(r["method"], r["towers"]): r for r in payload["records"]}
         assert [by["replicate", n]["grappler"] for n in (1, 2)] == [True, True]

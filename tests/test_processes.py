@@ -336,14 +336,19 @@ def _same_on_both_ranks(out, name):
     return w0
 
 
-@pytest.mark.parametrize("case", ["loaded", "extra"])
+@pytest.mark.parametrize("case", ["loaded", "extra", "synchronized"])
 def test_variables_named_differently_train_like_four_local_towers(case, agreed, devices):
+    # "synchronized": the layers' names differ where a synchronized layer's towers meet in
+    # the graph (Horovod matches its ops by name: named after the layers, they hung).
     _, out, ranks = agreed
     got = ranks[0][f"names_{case}"]
     assert got["names"] != ranks[1][f"names_{case}"]["names"]  # e.g. dense/... vs mlp/dense/...
     w0 = _same_on_both_ranks(out, f"names_{case}")
     if case == "loaded":
         model = keras.models.load_model(out / "start.keras")
+    elif case == "synchronized":
+        model = model_zoo.synchronized_bn(seed=100)
+        model_zoo.compile_classifier(model, keras.optimizers.SGD(0.1, momentum=0.5))
     else:
         model = model_zoo.mlp(seed=100)  # the chief's start wins the broadcast
         model_zoo.compile_classifier(model, keras.optimizers.SGD(0.1, momentum=0.5))

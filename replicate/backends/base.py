@@ -202,11 +202,12 @@ class Backend:
             return self.watchdog.waiting()
         return contextlib.nullcontext()
 
-    def tower_sum(self, value: tf.Tensor) -> tf.Tensor:
+    def tower_sum(self, value: tf.Tensor, name: str) -> tf.Tensor:
         """The sum of `value` over the job's processes, as an op of the function being
         traced, in a tower's copy of a function that every tower of this process calls
         (`replicate.meeting`: a synchronized layer's sums, where the backend's
-        collectives do not span the job).
+        collectives do not span the job). `name` is the same in every process and
+        unique in the function: the all-reduce's place in it.
 
         Raises:
             NotImplementedError: Where the backend has none.

@@ -100,12 +100,14 @@ class HorovodBackend(Backend):
     def _all_sum(self, tensors: list[tf.Tensor]) -> list[tf.Tensor]:
         return list(self._hvd.grouped_allreduce(tensors, op=self._hvd.Sum))
 
-    def tower_sum(self, value: tf.Tensor) -> tf.Tensor:
-        # Unnamed on purpose: Horovod matches an op by its node's name, which the inlining
-        # of each tower's call prefixes with that call's name, alike in every process, so
-        # tower k of each process meets tower k of the others. One name would be submitted
-        # once per tower by every process.
-        return self._hvd.allreduce(value, op=self._hvd.Sum)
+    def tower_sum(self, value: tf.Tensor, name: str) -> tf.Tensor:
+        # Horovod matches an op by its node's full name. Made at the root of the traced
+        # function's name scopes, the op is named by `name` alone, not by the layers and
+        # model around it (processes whose automatic layer names differ still match); the
+        # inlining of each tower's call then prefixes that call's name, alike in every
+        # process, so tower k of each process meets tower k of the others.
+        with tf.compat.v1.get_default_graph().name_scope(None):
+            return self._hvd.allreduce(value, name=name, op=self._hvd.Sum)
 
     def _all_max(self, value: tf.Tensor) -> tf.Tensor:
         return self._hvd.allreduce(tf.reshape(value, (1,)), op=self._hvd.Max)[0]

@@ -46,7 +46,7 @@ def describe() -> dict[str, Any]:
         "tensorflow": _version("tensorflow"),
         "keras": _version("keras"),
         "horovod": _version("horovod"),
-        "replicate": _version("replicate"),
+        "replicate": _version("keras-replicate"),  # the distribution's name
     }
 
 

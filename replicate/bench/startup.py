@@ -231,17 +231,19 @@ def markdown(payload: dict[str, Any]) -> str:
 def _phases(by: dict[tuple[str, int], dict[str, Any]], counts: list[int]) -> list[str]:
     """Where replicate's first step goes, from medians: the Python of `train_step`
     (tracing), Grappler's share (the first fit less the first fit with Grappler off,
-    whose unoptimized kernels make it a lower bound), the step itself (the second
-    fit), and the rest (the traced function's finishing, instantiating the step's
-    kernels on each device, the fit's own set-up)."""
+    whose unoptimized kernels make it a lower bound), the step with the fit's own
+    set-up (the second fit), and the rest (finishing the traced function,
+    instantiating the step's kernels on each device)."""
     lines = [
         "## Where replicate's first step goes",
         "",
         "Seconds, medians. Tracing: the Python of `train_step` (it runs only while the step "
         "is traced). Grappler: the first fit less the first fit in a process whose graph "
-        "optimizer is off (a lower bound: its kernels run unoptimized). The step: the second "
-        "one-step fit of the same process. The rest: finishing the traced function, "
-        "instantiating the step's kernels on each device, and the fit's own set-up.",
+        "optimizer is off (a lower bound: its kernels run unoptimized; from different "
+        "processes, so a share under the noise can come out below 0). The step: the second "
+        "one-step fit of the same process, the fit's own set-up included. The rest: what "
+        "is left, mostly finishing the traced function and instantiating the step's "
+        "kernels on each device.",
         "",
         "| towers | first fit | tracing | Grappler | the step | the rest |",
         "|---|---|---|---|---|---|",
