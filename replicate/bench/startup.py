@@ -130,9 +130,7 @@ def run(args) -> dict[str, Any]:
     runs = [(m, n, p) for p in range(processes) for n in counts for m in methods]
     progress = runner.progress(len(runs), kind)
     raw: dict[tuple[str, int], list[float]] = {}
-    again: dict[tuple[str, int], list[float]] = {}
-    traced: dict[tuple[str, int], list[float]] = {}
-    grappler: dict[tuple[str, int], bool] = {}
+    phases: dict[tuple[str, int], list[dict[str, Any]]] = {}  # startup's worker results
     for method, n, _ in runs:
         worker_spec = {**spec, "method": "replicate" if method == GRAPPLER_OFF else method}
         if method == GRAPPLER_OFF:
@@ -143,9 +141,7 @@ def run(args) -> dict[str, Any]:
         values = [result["seconds"]] if kind == "startup" else result["ms_per_step"]
         raw.setdefault((method, n), []).extend(values)
         if "again" in result:
-            again.setdefault((method, n), []).append(result["again"])
-            traced.setdefault((method, n), []).append(result["traced"])
-            grappler[method, n] = result["grappler"]
+            phases.setdefault((method, n), []).append(result)
         progress.add(1)
     unit = "seconds" if kind == "startup" else "ms_per_step"
     records = [
@@ -155,15 +151,7 @@ def run(args) -> dict[str, Any]:
             f"{unit}_best": min(values),
             f"{unit}_median": runner.median(values),
             "samples": values,
-            **(
-                {
-                    "again_median": runner.median(again[method, n]),
-                    "traced_median": runner.median(traced[method, n]),
-                    "grappler": grappler[method, n],
-                }
-                if (method, n) in again
-                else {}
-            ),
+            **(_phase_medians(phases[method, n]) if (method, n) in phases else {}),
         }
         for (method, n), values in sorted(raw.items())
     ]
@@ -175,6 +163,16 @@ def run(args) -> dict[str, Any]:
     }
     report.write(payload, Path(args.output), markdown)
     return payload
+
+
+def _phase_medians(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The medians of startup workers' second fits and tracing seconds, and whether
+    Grappler ran."""
+    return {
+        "again_median": runner.median([r["again"] for r in results]),
+        "traced_median": runner.median([r["traced"] for r in results]),
+        "grappler": results[-1]["grappler"],
+    }
 
 
 def markdown(payload: dict[str, Any]) -> str:
