@@ -230,8 +230,8 @@ def _phases(by: dict[tuple[str, int], dict[str, Any]], counts: list[int]) -> lis
     """Where replicate's first step goes, from medians: the Python of `train_step`
     (tracing), Grappler's share (the first fit less the first fit with Grappler off,
     whose unoptimized kernels make it a lower bound), the step with the fit's own
-    set-up (the second fit), and the rest (finishing the traced function,
-    instantiating the step's kernels on each device)."""
+    set-up (the second fit), and the rest (TensorFlow's other passes over the step,
+    creating its kernels, Python outside `train_step`'s body)."""
     lines = [
         "## Where replicate's first step goes",
         "",
@@ -240,8 +240,8 @@ def _phases(by: dict[tuple[str, int], dict[str, Any]], counts: list[int]) -> lis
         "optimizer is off (a lower bound: its kernels run unoptimized; from different "
         "processes, so a share under the noise can come out below 0). The step: the second "
         "one-step fit of the same process, the fit's own set-up included. The rest: what "
-        "is left, mostly finishing the traced function and instantiating the step's "
-        "kernels on each device.",
+        "is left: TensorFlow's other passes over the step and creating its kernels, and "
+        "Python outside `train_step`'s body (the README splits it with a CPU profile).",
         "",
         "| towers | first fit | tracing | Grappler | the step | the rest |",
         "|---|---|---|---|---|---|",
