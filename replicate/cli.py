@@ -98,7 +98,10 @@ def _parser() -> argparse.ArgumentParser:
         "default: free ports on the loopback interface, 127.0.0.1)",
     )
     launch.add_argument(
-        "command_line", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="what to run"
+        "command_line",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND",
+        help="what each process runs (a script.py by itself runs under this Python)",
     )
     return parser
 

@@ -1,6 +1,7 @@
 """`replicate launch`: the processes of one job on this machine, each with its `TF_CONFIG`.
 
-One machine: `replicate launch --nproc 2 -- python train.py` starts two
+One machine: `replicate launch --nproc 2 -- python train.py` (or, as with
+`torchrun`, `replicate launch --nproc 2 train.py`) starts two
 processes on free ports of the loopback interface: their `TF_CONFIG` names
 `127.0.0.1:<port>`, so the processes reach one another over loopback only.
 TensorFlow's gRPC server itself listens on every interface, `[::]:<port>`
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -121,6 +123,38 @@ def _stop(processes: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+def resolve(command: Sequence[str]) -> list[str]:
+    """`command` as each process runs it, checked before any process starts.
+
+    A Python script given by itself (`replicate launch --nproc 2 train.py`, as
+    `torchrun` takes it) runs under this launcher's Python, `sys.executable`;
+    any other program must be an executable file, on `PATH` or at the path given.
+
+    Raises:
+        ValueError: For an empty `command`, a script that does not exist, or a
+            program that cannot be run, naming it and the form that runs it.
+    """
+    if not command:
+        raise ValueError("No command to launch. Usage: replicate launch --nproc N -- COMMAND ...")
+    program, *rest = command
+    if program.endswith(".py"):
+        if not os.path.isfile(program):
+            raise ValueError(
+                f"The script {program!r} does not exist (looked in {os.getcwd()}). "
+                "Usage: replicate launch --nproc N -- python train.py ..."
+            )
+        return [sys.executable, program, *rest]
+    if shutil.which(program) is None:
+        where = "at that path" if os.sep in program else "on PATH"
+        raise ValueError(
+            f"Cannot run {program!r}: no executable file of that name {where}. "
+            "replicate launch runs one command in each process: to run a Python script, "
+            "`replicate launch --nproc N -- python train.py` (or `replicate launch --nproc N "
+            "train.py`)."
+        )
+    return [program, *rest]
+
+
 def run(
     command: Sequence[str],
     nproc: int,
@@ -132,10 +166,10 @@ def run(
     """Runs `command` as `nproc` processes of one job; returns the job's exit status.
 
     Raises:
-        ValueError: For an empty `command` or bad cluster options.
+        ValueError: For a command that cannot be run (`resolve`) or bad cluster
+            options; no process is started then.
     """
-    if not command:
-        raise ValueError("No command to launch. Usage: replicate launch --nproc N -- COMMAND ...")
+    command = resolve(command)
     envs = environments(nproc, hosts=hosts, node_rank=node_rank, port=port)
     # The host's cores shared among its processes (replicate.threads), unless set.
     pools = threads.launcher_environment(nproc, dict(os.environ))

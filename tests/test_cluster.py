@@ -1,6 +1,7 @@
 """Who a process is: the launcher's environment and TF_CONFIG."""
 
 import json
+import re
 
 import cluster_layouts as layouts
 import pytest
@@ -102,6 +103,38 @@ def test_launch_command_line_errors(tmp_path):
     assert result.returncode == 3
     assert "[0] rank 0" in result.stdout and "[1] rank 1" in result.stdout
     assert "replicate launch: process 1 of 2 exited with status 3" in result.stderr
+    # A script by itself runs under the launcher's Python, as torchrun runs it.
+    result = subprocess.run(
+        [script, "launch", "--nproc", "2", bad], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 3, result.stderr
+    assert "[0] rank 0" in result.stdout and "[1] rank 1" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "program, expected",
+    [
+        ("missing.py", r"The script 'missing.py' does not exist \(looked in "),
+        ("no-such-program", r"Cannot run 'no-such-program': no executable file .* on PATH"),
+        ("./plain.txt", r"Cannot run './plain.txt': no executable file .* at that path"),
+    ],
+)
+def test_launch_names_a_command_it_cannot_run(program, expected, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "plain.txt").write_text("not a program\n")  # not executable
+    script = Path(sys.executable).with_name("replicate")
+    result = subprocess.run(
+        [script, "launch", "--nproc", "2", "--", program, "--flag"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert re.search(expected, result.stderr), result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""  # no process started
 
 
 # -- the cluster managers' layouts (tests/cluster_layouts.py cites the sources) --------
