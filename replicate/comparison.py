@@ -160,9 +160,9 @@ def compare(
         or steps.overridden(template, "compute_loss")
         or bool(template.losses)
     )
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
+    report.slices = [int(n) for n in towers.slices(x).sizes.numpy()]
     if has_call:
-        x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
-        report.slices = [int(n) for n in towers.slices(x).sizes.numpy()]
         for training in (False, True):
             with_loss = training and has_loss
             try:

@@ -93,6 +93,11 @@ def compare_step(
 
     try:
         one, one_weights, drew = run(reference)
+        if not drew:
+            # Random numbers outside Keras' seeds (`tf.random.normal`, NumPy) change no
+            # variable: the same step run twice on one device from the same start differs.
+            again, again_weights, _ = run(reference)
+            drew = _differ(again, one) or _differ(again_weights, one_weights)
         many, many_weights, _ = run(towers)
     except Exception as error:
         report.notes.append(
@@ -105,7 +110,8 @@ def compare_step(
     if drew:
         report.notes.append(
             "the model's own train_step draws random numbers (its noise differs per tower by "
-            "design): its results were not compared, only its forward pass"
+            "design; seen as a Keras seed that moved, or as two runs on one device from the "
+            "same start that differ): its results were not compared, only its forward pass"
         )
         return
     for key in sorted(set(one) & set(many)):
@@ -137,6 +143,13 @@ class _fresh_optimizers:
         for name, value in self.saved:
             object.__setattr__(self.template, name, value)
         return False
+
+
+def _differ(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two runs of the step on one device disagree beyond rounding (1e-6 of each
+    quantity's scale): a step that draws its own random numbers."""
+    floor = noise_floor(b.values())
+    return any(relative_difference(a[k], b[k], floor) > 1e-6 for k in b if k in a)
 
 
 def _flat_logs(logs: Any) -> dict[str, np.ndarray]:

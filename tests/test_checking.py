@@ -378,3 +378,54 @@ def test_towers_without_samples_are_named_in_the_report(devices):
         n.startswith("towers [2, 3] held no samples: the batch held 2") for n in report.notes
     )
     assert "note: towers [2, 3] held no samples" in str(report)
+
+
+class NoisyStep(InBatchContrastive):
+    """Its own train_step adds noise drawn with `tf.random.normal` (as keras.io's conditional
+    GAN draws its latent vectors): no Keras seed moves, and its loss is a plain mean."""
+
+    def train_step(self, data):
+        x, y = data
+        x = x + tf.random.normal(tf.shape(x))
+        with tf.GradientTape() as tape:
+            loss = keras.losses.SparseCategoricalCrossentropy(True)(y, self(x, training=True))
+        grads = tape.gradient(loss, self.trainable_weights)
+        self.optimizer.apply(grads, self.trainable_weights)
+        self.tracker.update_state(loss)
+        return {"loss": self.tracker.result()}
+
+
+def test_a_step_that_draws_with_tf_random_is_no_false_alarm(devices):
+    model = NoisyStep()
+    model(X[:1])
+    report = replicate.check(_compiled(model), X, Y, devices=devices[:3])
+    assert report.exact, str(report)
+    assert report.causes == []
+    assert any(
+        n.startswith("the model's own train_step draws random numbers") for n in report.notes
+    ), report.notes
+
+
+class StepOnly(keras.Model):
+    """Its own train_step and no `call`: the step calls its layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(3)
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = keras.losses.SparseCategoricalCrossentropy(True)(y, self.dense(x))
+        grads = tape.gradient(loss, self.dense.trainable_weights)
+        self.optimizer.apply(grads, self.dense.trainable_weights)
+        return {"loss": loss}
+
+
+def test_a_model_without_call_reports_its_slices(devices):
+    model = StepOnly()
+    model.dense.build((None, 6))
+    report = replicate.check(_compiled(model), X, Y, devices=devices[:3])
+    assert report.slices == [3, 2, 2], report.slices
+    assert str(report).startswith("replicate.check: 3 towers on slices [3, 2, 2] against one")
+    assert "the model has no `call` of its own" in str(report)
