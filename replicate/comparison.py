@@ -224,7 +224,31 @@ def _differences(report: Report, one: _Pass, many: _Pass, template, mode: str) -
         value = relative_difference(a, b, floor)
         report.differences.append((f"gradient {variable.path}, {mode}", value))
     # SGD is linear in the gradient: only the rows' sums matter to it.
-    linear = isinstance(getattr(template, "optimizer", None), keras.optimizers.SGD)
+    optimizer = getattr(template, "optimizer", None)
+    linear = isinstance(optimizer, keras.optimizers.SGD)
+    # A gradient that is rounding noise on one device too (zero in exact arithmetic: a bias
+    # just before a normalization, attention's key bias, which softmax ignores): at most
+    # 1e-5 of the largest gradient (float32 rounds at 6e-8), and unlike a real gradient it
+    # changes by more than 1% of itself between two runs that sum in another order. Adam
+    # and its kin normalize each element: they turn it into steps of the learning rate.
+    scale = max((float(np.max(np.abs(b))) for _, _, b in grads if b.size), default=0.0)
+    noise = [
+        (variable.path, float(np.max(np.abs(b))) / scale)
+        for variable, a, b in grads
+        if optimizer is not None
+        and not linear
+        and 0 < np.max(np.abs(b)) <= 1e-5 * scale
+        and relative_difference(a, b) > 1e-2
+    ]
+    if noise:
+        names = ", ".join(f"`{path}` ({size:.0e})" for path, size in noise)
+        report.notes.append(
+            "weights whose gradient is zero in exact arithmetic (the loss does not depend on "
+            "them) and rounding noise on one device too (its size against the largest "
+            f"gradient): {names}. {type(optimizer).__name__} normalizes that noise into steps "
+            "of its learning rate's size, so these weights drift apart from one device's, as "
+            "between any two runs that sum in another order; SGD keeps them equal"
+        )
     for variable, a, b in [] if linear else pairs:
         if isinstance(a, tf.IndexedSlices) and isinstance(b, tf.IndexedSlices):
             # What Adam, RMSprop and Adagrad see: each row squared before rows are added.

@@ -429,3 +429,41 @@ def test_a_model_without_call_reports_its_slices(devices):
     assert report.slices == [3, 2, 2], report.slices
     assert str(report).startswith("replicate.check: 3 towers on slices [3, 2, 2] against one")
     assert "the model has no `call` of its own" in str(report)
+
+
+def _attention(seed=3):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6,))
+    tokens = keras.layers.Reshape((2, 3))(inputs)
+    attended = keras.layers.MultiHeadAttention(num_heads=1, key_dim=4, name="mha")(tokens, tokens)
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(attended)))
+
+
+def _before_normalization(seed=3):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, name="pre"),
+            keras.layers.BatchNormalization(synchronized=True),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "make, path", [(_attention, "mha/key/bias"), (_before_normalization, "pre/bias")]
+)
+def test_weights_whose_gradient_is_rounding_noise_are_named_under_adam(make, path, devices):
+    # Softmax ignores a shift shared by every key (attention's key bias), a normalization
+    # a bias just before it: their gradients are zero but for rounding, which Adam
+    # normalizes into full steps (keras.io's masked language model drifted 7.9e-5 so).
+    model = make()
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(True))
+    report = replicate.check(model, X, Y, devices=devices[:3])
+    assert report.exact, str(report)  # the loss does not depend on them: no cause
+    noted = [n for n in report.notes if n.startswith("weights whose gradient is zero")]
+    assert len(noted) == 1 and f"{path}` (" in noted[0] and "Adam normalizes" in noted[0]
+    assert noted[0].count("` (") == 1, noted  # the kernel and the other biases are not named
+    sgd = replicate.check(_compiled(make()), X, Y, devices=devices[:3])
+    assert not [n for n in sgd.notes if n.startswith("weights whose gradient")], sgd.notes
