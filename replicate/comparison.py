@@ -190,7 +190,7 @@ def compare(
         report.notes.append("the model has no `call` of its own: its forward pass was not run")
     if steps.overridden(template, "train_step"):
         step_comparison.compare_step(report, template, reference, towers, batch)
-    _name_causes(report, template)
+    _name_causes(report, template, x)
 
 
 def reference_size(batch: Any) -> int:
@@ -267,7 +267,7 @@ def _differences(report: Report, one: _Pass, many: _Pass, template, mode: str) -
         report.differences.append((f"state {path}, {mode}", value))
 
 
-def _name_causes(report: Report, template: keras.Model) -> None:
+def _name_causes(report: Report, template: keras.Model, x: Any) -> None:
     """Turns what differs into the causes replicate can name."""
     inference = [(k, v) for k, v in report.differing("output") if k.endswith("training=False")]
     if inference:
@@ -311,11 +311,14 @@ def _name_causes(report: Report, template: keras.Model) -> None:
     outputs = [k for k, _ in report.differing("output")]
     if training and not outputs and not normalizing and report.model_losses:
         what, worst = max(training, key=lambda item: item[1])
+        adders = ", ".join(_loss_adders(template, x)) or "its layers"
         report.causes.append(
-            "the model's own losses differ while its outputs agree: a scalar loss that "
-            "reduces over the batch other than as a mean (`add_loss` of a sum) is each "
-            "tower's, weighted by its share; add it as a mean or one row per sample, or "
-            f"compute it in `compute_loss` ({what}: {worst:.2e})"
+            f"the model's own losses differ while its outputs agree (added by {adders}): a "
+            "scalar loss that reduces over the batch other than as a mean (`add_loss` of a "
+            "sum), or that mixes samples (a regularizer over products across the batch), is "
+            "each tower's on its slice, weighted by its share; add a sum as a mean or one row "
+            "per sample, and compute a loss that mixes samples in `compute_loss` from an "
+            f"output of the model, once over the whole batch ({what}: {worst:.2e})"
         )
     squared = [(k, v) for k, v in training if " rows squared, " in k]
     if squared and len(squared) == len(training):
@@ -359,6 +362,33 @@ def _name_causes(report: Report, template: keras.Model) -> None:
             f"outputs or gradients differ with training=True for a reason replicate cannot "
             f"name ({what}: max relative difference {worst:.2e})"
         )
+
+
+def _loss_adders(template: keras.Model, x: Any) -> list[str]:
+    """The innermost layers that add losses of their own to a training call on `x` (an
+    activity regularizer, `add_loss`), left out: weight regularizers, which do not
+    depend on the batch. One call on one device, nothing written (a stateless scope)."""
+    found = {}
+    try:
+        with keras.StatelessScope(collect_losses=True):
+            template(x, training=True)
+            for layer in [template, *_keras_compat.sublayers(template)]:
+                regularized = sum(w.regularizer is not None for w in layer.trainable_weights)
+                found[id(layer)] = (layer, len(layer.losses) > regularized)
+    except Exception:  # a model whose call takes other arguments: named without layers
+        return []
+    names = []
+    for layer, adds in found.values():
+        inner = [found.get(id(s), (None, False))[1] for s in _keras_compat.sublayers(layer)]
+        if adds and not any(inner):
+            regularizer = getattr(layer, "activity_regularizer", None)
+            kind = (
+                "add_loss"
+                if regularizer is None
+                else f"activity_regularizer {type(regularizer).__name__}"
+            )
+            names.append(f"`{layer.name}` ({kind})")
+    return names
 
 
 def _layer(model: keras.Model, name: str) -> keras.Layer:

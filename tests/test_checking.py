@@ -63,6 +63,23 @@ class SamplesSeen(keras.layers.Layer):
         return x
 
 
+class SummedActivity(keras.layers.Layer):
+    """Adds the sum of its inputs' squares over the batch as a loss (keras.io's training
+    guide adds `ops.sum` so)."""
+
+    def call(self, x):
+        self.add_loss(1e-2 * ops.sum(ops.square(x)))
+        return x
+
+
+class AcrossSamples(keras.regularizers.Regularizer):
+    """Penalizes the products of every pair of samples (keras.io's PointNet regularizer
+    contracts over the batch so)."""
+
+    def __call__(self, x):
+        return 1e-2 * ops.sum(ops.square(ops.matmul(x, ops.transpose(x))))
+
+
 class InBatchContrastive(keras.Model):
     """Its own train_step with a loss over the whole batch (each sample's negatives are the
     other samples, as in keras.io's SimCLR)."""
@@ -167,6 +184,20 @@ CAUSES = {
         r"values as one device computes "
         r"it \(max relative difference .*\); choose aggregation='sum', 'mean' or "
         r"'only_first_replica' to match what the variable means$",
+    ),
+    "summed add_loss": (
+        lambda: _compiled(_mlp(SummedActivity(name="summed"))),
+        r"^the model's own losses differ while its outputs agree \(added by `summed` "
+        r"\(add_loss\)\): .* compute a loss that mixes samples in `compute_loss` from an "
+        r"output of the model, once over the whole batch \(.*\)$",
+    ),
+    "regularizer across samples": (
+        lambda: _compiled(
+            _mlp(keras.layers.Dense(4, activity_regularizer=AcrossSamples(), name="gram"))
+        ),
+        r"^the model's own losses differ while its outputs agree \(added by `gram` "
+        r"\(activity_regularizer AcrossSamples\)\): a scalar loss that reduces over the batch "
+        r"other than as a mean \(`add_loss` of a sum\), or that mixes samples .*$",
     ),
     "own train_step": (
         _contrastive,
