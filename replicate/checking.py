@@ -18,7 +18,10 @@ causes replicate can name:
 Random layers do not raise false alarms: Keras' dropout and noise layers are
 compared with their randomness off, and other draws are named as expected to
 differ. Each process checks its own towers, with no collective, so a check
-never waits for another process.
+never waits for another process. Across processes, the first `fit` also
+splits each process's first batch as the processes split the global one: a
+loss that is not a mean over samples (per token, masked, a sum, in-batch) is
+normalized per process, which it names (`split_loss_difference`).
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from replicate import _keras_compat, building, comparison
+from replicate import _keras_compat, building, comparison, merge, reduce, steps
 from replicate.builder import ReplicaBuilder
 from replicate.comparison import DEFAULT_RTOL, Report
 from replicate.devices import list_devices
+from replicate.step_comparison import noise_floor, relative_difference
 from replicate.tower import row_states
 
 
@@ -195,17 +200,86 @@ def _require_positive_int(name: str, value: Any) -> None:
 CHECKS = (True, False, "strict")
 
 
+def split_loss_difference(template: keras.Model, batch: Any, processes: int) -> float | None:
+    """How far the loss of `batch` and its gradient move when `processes` processes each
+    compute them on their share, weighted by their samples, as across processes: the
+    larger relative difference from the whole batch's (rounding for a mean over samples;
+    a loss per token, a sum or an in-batch loss moves). Gradients are measured against 1%
+    of the largest (`step_comparison.noise_floor`). `None` where it does not apply: a
+    model's own `train_step` or stateful RNN, no compiled loss, fewer samples than
+    processes. Nothing is written (inference calls on the variable device)."""
+    if (
+        steps.overridden(template, "train_step")
+        or row_states(template)
+        or _keras_compat.compiled_loss(template) is None
+    ):
+        return None
+    leaves = [t for t in tf.nest.flatten(batch) if t is not None]
+    if any(isinstance(t, tf.SparseTensor) for t in leaves) or int(leaves[0].shape[0]) < processes:
+        return None
+    count = int(leaves[0].shape[0])
+    weights = template.trainable_variables
+
+    def loss(rows):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(
+            tf.nest.map_structure(lambda t: None if t is None else t[rows], batch)
+        )
+        with tf.GradientTape() as tape:
+            y_pred = template(x, training=False)
+            value = merge.batch_loss(template, x, y, y_pred, sample_weight, None, training=False)
+        grads = tape.gradient(value, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return float(value), [np.asarray(tf.convert_to_tensor(g)) for g in grads]
+
+    whole, whole_grads = loss(slice(None))
+    split, split_grads, start = 0.0, [np.zeros_like(g) for g in whole_grads], 0
+    for size in reduce.split_counts(count, processes):
+        value, grads = loss(slice(start, start + size))
+        split += size / count * value
+        split_grads = [a + size / count * g for a, g in zip(split_grads, grads)]
+        start += size
+    floor = noise_floor(whole_grads)
+    moved = [relative_difference(a, b, floor) for a, b in zip(split_grads, whole_grads)]
+    return max([abs(split - whole) / max(abs(whole), 1e-12), *moved])
+
+
+def _warn_or_raise(message: str, mode: bool | str) -> None:
+    if mode == "strict":
+        raise ValueError(message + "(check='strict' was passed to replicate.replicate.)")
+    warnings.warn(
+        message + "To train anyway without this check, pass `check=False` to "
+        "`replicate.replicate`; `check='strict'` raises instead of warning.",
+        stacklevel=4,
+    )
+
+
 def at_first_fit(parallel: keras.Model, call: dict[str, Any], mode: bool | str) -> None:
     """The automatic check at the start of a replicated model's first `fit`.
 
     Silent when the towers equal one device (or there is one tower, or the
     data is a generator it cannot look into); otherwise one warning naming
-    the causes, or with `mode="strict"` a `ValueError`.
+    the causes, or with `mode="strict"` a `ValueError`. Across processes, a
+    loss that is not a mean over samples is named too (`split_loss_difference`):
+    each process normalizes it over its own batch.
     """
-    if mode is False or len(parallel.devices) < 2:
+    if mode is False:
         return
     batch = building.first_batch(call)
     if batch is None:
+        return
+    processes = parallel.backend.size
+    if processes > 1:
+        moved = split_loss_difference(parallel.template, batch, processes)
+        if moved is not None and moved > default_rtol(parallel.template):
+            _warn_or_raise(
+                "replicate: this model's loss is not a mean over its samples (per token, "
+                f"masked or in-batch: the first batch split {processes} ways, weighted by "
+                f"samples, moves its loss or gradient by {moved:.1e}, relatively): each of the "
+                f"{processes} processes normalizes it over its own batch, so training differs "
+                "from one process holding every sample (within a process it is exact). "
+                "Express it as a mean over samples to train exactly across processes. ",
+                mode,
+            )
+    if len(parallel.devices) < 2:
         return
     try:
         report = check(parallel, batch)
@@ -221,15 +295,9 @@ def at_first_fit(parallel: keras.Model, call: dict[str, Any], mode: bool | str) 
         return
     if report.exact:
         return
-    message = (
+    _warn_or_raise(
         f"replicate: this model does not train as on one device through "
         f"{len(parallel.devices)} towers: {'; '.join(report.causes)}. "
-        "`print(replicate.check(model, x, y))` shows every comparison. "
-    )
-    if mode == "strict":
-        raise ValueError(message + "(check='strict' was passed to replicate.replicate.)")
-    warnings.warn(
-        message + "To train anyway without this check, pass `check=False` to "
-        "`replicate.replicate`; `check='strict'` raises instead of warning.",
-        stacklevel=3,
+        "`print(replicate.check(model, x, y))` shows every comparison. ",
+        mode,
     )

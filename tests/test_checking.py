@@ -498,3 +498,83 @@ def test_weights_whose_gradient_is_rounding_noise_are_named_under_adam(make, pat
     assert noted[0].count("` (") == 1, noted  # the kernel and the other biases are not named
     sgd = replicate.check(_compiled(make()), X, Y, devices=devices[:3])
     assert not [n for n in sgd.notes if n.startswith("weights whose gradient")], sgd.notes
+
+
+def _tokens(loss, seed=4):
+    # A sequence model whose padding (token 0) is masked: Keras' losses then average over
+    # the unmasked tokens, not over the samples.
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((5,), dtype="int32")
+    hidden = keras.layers.Embedding(7, 4, mask_zero=True)(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+    model.compile(optimizer="sgd", loss=loss)
+    return model
+
+
+def _padded(rows, seed=5):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, 7, (rows, 5))
+    for row, length in enumerate(rng.integers(1, 5, rows)):
+        tokens[row, length:] = 0  # every sample has its own number of real tokens
+    return tokens, rng.integers(0, 3, (rows, 5))
+
+
+def test_a_loss_split_over_processes_moves_unless_it_is_a_mean_over_samples():
+    from replicate.checking import split_loss_difference
+
+    batch = (X[:12], Y[:12])
+    assert split_loss_difference(_compiled(_mlp()), batch, 3) < 1e-6
+    summed = _compiled(_mlp(), keras.losses.SparseCategoricalCrossentropy(True, reduction="sum"))
+    assert abs(split_loss_difference(summed, batch, 2) - 0.5) < 1e-4  # each half's sum
+    masked = _tokens(keras.losses.SparseCategoricalCrossentropy(True))
+    assert split_loss_difference(masked, _padded(12), 2) > 1e-2
+    assert split_loss_difference(_compiled(_mlp()), (X[:1], Y[:1]), 2) is None
+    assert split_loss_difference(NoisyStep(), batch, 2) is None  # its own train_step
+
+
+WORKER = """
+import sys, warnings
+import replicate
+replicate.simulate_devices(1)
+backend = replicate.get_backend("collective")
+import keras
+sys.path.insert(0, sys.argv[1])
+import test_checking as t
+loss = keras.losses.SparseCategoricalCrossentropy(True)
+for name, model, data in [
+    ("mean", t._mlp(), (t.X[:24], t.Y[:24])),
+    ("masked", t._tokens(loss), t._padded(24)),
+]:
+    parallel = replicate.replicate(model, backend=backend)
+    parallel.compile(optimizer="sgd", loss=loss)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parallel.fit(*replicate.shard(data), batch_size=6, epochs=1, verbose=0)
+    said = [str(w.message) for w in caught if "not a mean over its samples" in str(w.message)]
+    print("RESULT", name, len(said), said[0] if said else "")
+"""
+
+
+def test_processes_warn_of_a_loss_normalized_per_process(tmp_path):
+    # Two real processes (replicate launch, the collective backend), one tower each: the
+    # first fit splits each process's first batch as the processes split the global one.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "worker.py").write_text(WORKER)
+    result = subprocess.run(
+        [Path(sys.executable).with_name("replicate"), "launch", "--nproc", "2", "worker.py"]
+        + [str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = [line.split("RESULT ", 1)[1] for line in result.stdout.splitlines() if "RESULT" in line]
+    assert sorted(line[:8] for line in said) == ["masked 1", "masked 1", "mean 0 ", "mean 0 "], said
+    for line in said:
+        if line.startswith("masked"):
+            assert "masked 1 replicate: this model's loss is not a mean over its samples" in line
+            assert "each of the 2 processes normalizes it over its own batch" in line
