@@ -1,5 +1,5 @@
-"""The comparisons behind `replicate.check`: towers against one device, and the causes
-of what differs.
+"""The comparisons behind `replicate.check`: towers against one device, each quantity's
+relative difference (the causes of what differs are named by `replicate.causes`).
 
 Both sides run the same tower pass (`replicate.builder.ReplicaBuilder`): the
 reference with one tower on the variable device, which is one device's step,
@@ -15,9 +15,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from replicate import _keras_compat, merge, reduce, step_comparison, steps
+from replicate import _keras_compat, causes, merge, reduce, step_comparison, steps
 from replicate.builder import ReplicaBuilder
-from replicate.state import owner
 from replicate.step_comparison import error_line, noise_floor, relative_difference
 from replicate.tower import is_seed_state, row_states
 
@@ -190,7 +189,7 @@ def compare(
         report.notes.append("the model has no `call` of its own: its forward pass was not run")
     if steps.overridden(template, "train_step"):
         step_comparison.compare_step(report, template, reference, towers, batch)
-    _name_causes(report, template, x)
+    causes.name(report, template, x)
 
 
 def reference_size(batch: Any) -> int:
@@ -225,6 +224,8 @@ def _differences(report: Report, one: _Pass, many: _Pass, template, mode: str) -
         report.differences.append((f"gradient {variable.path}, {mode}", value))
     # SGD is linear in the gradient: only the rows' sums matter to it.
     optimizer = getattr(template, "optimizer", None)
+    # A LossScaleOptimizer scales the loss and hands its inner optimizer the gradients.
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
     linear = isinstance(optimizer, keras.optimizers.SGD)
     # A gradient that is rounding noise on one device too (zero in exact arithmetic: a bias
     # just before a normalization, attention's key bias, which softmax ignores): at most
@@ -265,131 +266,3 @@ def _differences(report: Report, one: _Pass, many: _Pass, template, mode: str) -
         floor = noise_floor(by_layer.get(path.rpartition("/")[0], []))
         value = float("inf") if a is None or b is None else relative_difference(a, b, floor)
         report.differences.append((f"state {path}, {mode}", value))
-
-
-def _name_causes(report: Report, template: keras.Model, x: Any) -> None:
-    """Turns what differs into the causes replicate can name."""
-    inference = [(k, v) for k, v in report.differing("output") if k.endswith("training=False")]
-    if inference:
-        what, worst = max(inference, key=lambda item: item[1])
-        report.causes.append(
-            "the forward pass mixes samples across the batch: outputs differ with "
-            f"training=False ({what}: max relative difference {worst:.2e})"
-        )
-        return
-    normalizing = [
-        layer.name
-        for layer in _keras_compat.sublayers(template)
-        if "BatchNormalization" in type(layer).__name__
-        and getattr(layer, "synchronized", False) is not True
-    ]
-    training = [(k, v) for k, v in report.differing() if not k.startswith("step result")]
-    unseen = not any(k.startswith("output") for k, _ in report.differences)
-    if (training or unseen) and normalizing and len(report.devices) > 1:
-        names = ", ".join(f"`{n}`" for n in normalizing[:3])
-        if len(normalizing) > 3:
-            names += f" and {len(normalizing) - 3} more"
-        report.causes.append(
-            f"BatchNormalization layers {names} normalize per tower; use synchronized=True"
-        )
-    explained = {f"state {v.path}" for n in normalizing for v in _layer(template, n).weights}
-    for key, value in report.differing("state"):
-        path = key[len("state ") :].rsplit(", ", 1)[0]
-        if f"state {path}" in explained:
-            continue
-        variable = next((v for v in template.variables if v.path == path), None)
-        layer = None if variable is None else owner(template, variable)
-        name = "a layer" if layer is None else f"layer `{layer.name}`"
-        aggregation = getattr(variable, "aggregation", "none")
-        report.causes.append(
-            f"{name} writes `{path}` per tower, and its aggregation ({aggregation!r}) does "
-            f"not combine the towers' values as one device computes it (max relative "
-            f"difference {value:.2e}); choose aggregation='sum', 'mean' or "
-            "'only_first_replica' to match what the variable means"
-        )
-        explained.add(f"state {path}")
-    outputs = [k for k, _ in report.differing("output")]
-    if training and not outputs and not normalizing and report.model_losses:
-        what, worst = max(training, key=lambda item: item[1])
-        adders = ", ".join(_loss_adders(template, x)) or "its layers"
-        report.causes.append(
-            f"the model's own losses differ while its outputs agree (added by {adders}): a "
-            "scalar loss that reduces over the batch other than as a mean (`add_loss` of a "
-            "sum), or that mixes samples (a regularizer over products across the batch), is "
-            "each tower's on its slice, weighted by its share; add a sum as a mean or one row "
-            "per sample, and compute a loss that mixes samples in `compute_loss` from an "
-            f"output of the model, once over the whole batch ({what}: {worst:.2e})"
-        )
-    squared = [(k, v) for k, v in training if " rows squared, " in k]
-    if squared and len(squared) == len(training):
-        names = ", ".join(
-            f"`{k[len('gradient ') :].split(' rows squared')[0]}`" for k, _ in squared
-        )
-        report.causes.append(
-            f"the sparse gradients of {names} have other rows through the towers than on one "
-            "device (one device gives one row per id in the batch, the towers one per id per "
-            "tower): their sums agree, but Adam, RMSprop and Adagrad square each row before "
-            f"adding them, so those optimizers update them differently (max relative "
-            f"difference {max(v for _, v in squared):.2e}); SGD is exact"
-        )
-    # What the step returns, or (where no other cause explains them) the weights it moved.
-    step = report.differing("step result")
-    if not report.causes:
-        step += report.differing("weight after the step")
-    if step:
-        what, worst = max(step, key=lambda item: item[1])
-        report.causes.append(
-            "the model's own train_step gives other results through the towers: each tower "
-            "computes the step's losses on its slice of the batch, so a loss that is not a "
-            "mean over the samples (a sum, or in-batch: contrastive) differs "
-            f"({what}: {worst:.2e})"
-        )
-    drawing = [
-        layer.name
-        for layer in _keras_compat.sublayers(template)
-        if any(isinstance(v, keras.random.SeedGenerator) for v in vars(layer).values())
-        and not any(hasattr(layer, name) for name in ("rate", "stddev"))
-    ]
-    if training and not report.causes and drawing:
-        names = ", ".join(f"`{n}`" for n in drawing)
-        report.notes.append(
-            f"layers {names} draw random numbers (expected to differ per tower): what differs "
-            "with training=True is put down to them"
-        )
-    elif training and not report.causes:
-        what, worst = max(training, key=lambda item: item[1])
-        report.causes.append(
-            f"outputs or gradients differ with training=True for a reason replicate cannot "
-            f"name ({what}: max relative difference {worst:.2e})"
-        )
-
-
-def _loss_adders(template: keras.Model, x: Any) -> list[str]:
-    """The innermost layers that add losses of their own to a training call on `x` (an
-    activity regularizer, `add_loss`), left out: weight regularizers, which do not
-    depend on the batch. One call on one device, nothing written (a stateless scope)."""
-    found = {}
-    try:
-        with keras.StatelessScope(collect_losses=True):
-            template(x, training=True)
-            for layer in [template, *_keras_compat.sublayers(template)]:
-                regularized = sum(w.regularizer is not None for w in layer.trainable_weights)
-                found[id(layer)] = (layer, len(layer.losses) > regularized)
-    except Exception:  # a model whose call takes other arguments: named without layers
-        return []
-    names = []
-    for layer, adds in found.values():
-        inner = [found.get(id(s), (None, False))[1] for s in _keras_compat.sublayers(layer)]
-        if adds and not any(inner):
-            regularizer = getattr(layer, "activity_regularizer", None)
-            kind = (
-                "add_loss"
-                if regularizer is None
-                else f"activity_regularizer {type(regularizer).__name__}"
-            )
-            names.append(f"`{layer.name}` ({kind})")
-    return names
-
-
-def _layer(model: keras.Model, name: str) -> keras.Layer:
-    return next(layer for layer in _keras_compat.sublayers(model) if layer.name == name)

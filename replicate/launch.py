@@ -139,8 +139,9 @@ def resolve(command: Sequence[str]) -> list[str]:
     program, *rest = command
     if program.endswith(".py"):
         if not os.path.isfile(program):
+            what = "is a directory" if os.path.isdir(program) else "does not exist"
             raise ValueError(
-                f"The script {program!r} does not exist (looked in {os.getcwd()}). "
+                f"The script {program!r} {what} (looked in {os.getcwd()}). "
                 "Usage: replicate launch --nproc N -- python train.py ..."
             )
         return [sys.executable, program, *rest]
@@ -166,8 +167,9 @@ def run(
     """Runs `command` as `nproc` processes of one job; returns the job's exit status.
 
     Raises:
-        ValueError: For a command that cannot be run (`resolve`) or bad cluster
-            options; no process is started then.
+        ValueError: For a command that cannot be run (`resolve`; one the system
+            cannot start, such as a script whose `#!` interpreter is missing) or bad
+            cluster options; no process is left running then.
     """
     command = resolve(command)
     envs = environments(nproc, hosts=hosts, node_rank=node_rank, port=port)
@@ -176,12 +178,21 @@ def run(
     processes, relays = [], []
     for env in envs:
         rank = int(env["RANK"])
-        p = subprocess.Popen(
-            list(command),
-            env={**os.environ, **pools, **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        try:
+            p = subprocess.Popen(
+                list(command),
+                env={**os.environ, **pools, **env},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        except OSError as error:  # no interpreter behind its #!, not a program at all
+            _stop(processes)
+            raise ValueError(
+                f"Cannot run {command[0]!r}: {error.strerror or error} (the file is there, "
+                "but the system cannot start it: a script needs a first line such as "
+                "`#!/usr/bin/env python3` whose interpreter exists). To run a Python script: "
+                "`replicate launch --nproc N -- python train.py`."
+            ) from None
         processes.append(p)
         for stream, out in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
             relay = threading.Thread(target=_relay, args=(stream, rank, out), daemon=True)

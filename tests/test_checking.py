@@ -72,6 +72,14 @@ class SummedActivity(keras.layers.Layer):
         return x
 
 
+class MeanActivity(keras.layers.Layer):
+    """Adds the mean of its inputs' squares as a loss: the towers' shares add up to it."""
+
+    def call(self, x):
+        self.add_loss(1e-2 * ops.mean(ops.square(x)))
+        return x
+
+
 class AcrossSamples(keras.regularizers.Regularizer):
     """Penalizes the products of every pair of samples (keras.io's PointNet regularizer
     contracts over the batch so)."""
@@ -190,6 +198,18 @@ CAUSES = {
         r"^the model's own losses differ while its outputs agree \(added by `summed` "
         r"\(add_loss\)\): .* compute a loss that mixes samples in `compute_loss` from an "
         r"output of the model, once over the whole batch \(.*\)$",
+    ),
+    # Only the layer whose loss the towers change is named, not the exact ones beside it.
+    "summed add_loss among exact ones": (
+        lambda: _compiled(
+            _mlp(
+                MeanActivity(name="mean_loss"),
+                keras.layers.Dense(8, activity_regularizer="l2", name="l2_activity"),
+                SummedActivity(name="summed"),
+            )
+        ),
+        r"^the model's own losses differ while its outputs agree \(added by `summed` "
+        r"\(add_loss\)\): .*$",
     ),
     "regularizer across samples": (
         lambda: _compiled(
@@ -498,6 +518,13 @@ def test_weights_whose_gradient_is_rounding_noise_are_named_under_adam(make, pat
     assert noted[0].count("` (") == 1, noted  # the kernel and the other biases are not named
     sgd = replicate.check(_compiled(make()), X, Y, devices=devices[:3])
     assert not [n for n in sgd.notes if n.startswith("weights whose gradient")], sgd.notes
+    scaled = make()  # the optimizer a LossScaleOptimizer wraps is the one that steps
+    scaled.compile(
+        optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)),
+        loss=keras.losses.SparseCategoricalCrossentropy(True),
+    )
+    report = replicate.check(scaled, X, Y, devices=devices[:3])
+    assert not [n for n in report.notes if n.startswith("weights whose gradient")], report.notes
 
 
 def _tokens(loss, seed=4):

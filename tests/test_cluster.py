@@ -117,6 +117,9 @@ def test_launch_command_line_errors(tmp_path):
         ("missing.py", r"The script 'missing.py' does not exist \(looked in "),
         ("no-such-program", r"Cannot run 'no-such-program': no executable file .* on PATH"),
         ("./plain.txt", r"Cannot run './plain.txt': no executable file .* at that path"),
+        ("folder.py", r"The script 'folder.py' is a directory \(looked in "),
+        ("./no_interpreter", r"Cannot run './no_interpreter': No such file or directory \(the "),
+        ("./no_first_line", r"Cannot run './no_first_line': Exec format error \(the file is"),
     ],
 )
 def test_launch_names_a_command_it_cannot_run(program, expected, tmp_path):
@@ -125,6 +128,10 @@ def test_launch_names_a_command_it_cannot_run(program, expected, tmp_path):
     from pathlib import Path
 
     (tmp_path / "plain.txt").write_text("not a program\n")  # not executable
+    (tmp_path / "folder.py").mkdir()
+    for name, text in [("no_interpreter", "#!/no/such/python\n"), ("no_first_line", "print(1)\n")]:
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)  # executable, but the system cannot start it
     script = Path(sys.executable).with_name("replicate")
     result = subprocess.run(
         [script, "launch", "--nproc", "2", "--", program, "--flag"],
