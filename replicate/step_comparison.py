@@ -91,6 +91,7 @@ def compare_step(
         flat = {f"step result {k}": v for k, v in _flat_logs(logs).items()}
         return flat, after, drew
 
+    side = "one device"
     try:
         one, one_weights, drew = run(reference)
         if not drew:
@@ -98,12 +99,14 @@ def compare_step(
             # variable: the same step run twice on one device from the same start differs.
             again, again_weights, _ = run(reference)
             drew = _differ(again, one) or _differ(again_weights, one_weights)
+        side = "the towers"
         many, many_weights, _ = run(towers)
     except Exception as error:
-        report.notes.append(
-            f"the model's own train_step could not be compared ({type(error).__name__}: "
-            f"{error_line(error)})"
-        )
+        what = f"{type(error).__name__}: {error_line(error)}"
+        if side == "one device" and not isinstance(error, steps.UnseededRandom):
+            report.notes.append(f"the model's own train_step could not be compared ({what})")
+        else:  # fit would fail the same way
+            report.causes.append(f"the model's own train_step fails through the towers ({what})")
         for variable, value in zip(variables, saved):
             variable.assign(value)
         return

@@ -210,6 +210,7 @@ class TowerRun:
             with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
                 initial = {id(v): scope.get_current_value(v) for v in state_variables}
                 result = method(self.slices.parts[i])
+            _refuse_unseeded(scope)
             return result, scope, initial
 
         routing = _Routing(self)
@@ -293,6 +294,24 @@ class TowerRun:
             ):
                 combined[position] = total
         return tf.nest.pack_sequence_as(outputs[0], combined)
+
+
+class UnseededRandom(RuntimeError):
+    """A model's own step drew from Keras' global seed generator (`_refuse_unseeded`)."""
+
+
+def _refuse_unseeded(scope: keras.StatelessScope) -> None:
+    """Raises if the step drew from Keras' global seed generator (`keras.random.*` with no
+    `seed=`): the model does not hold it, so its towers cannot get their own streams."""
+    generator = _keras_compat.get_global_attribute("global_seed_generator")
+    if generator is not None and id(generator.state) in scope.state_mapping:
+        raise UnseededRandom(
+            "A model's own step drew random numbers with `keras.random` and no `seed=`, from "
+            "Keras' global SeedGenerator, which the model does not hold: replicate gives each "
+            "tower its own stream only from a SeedGenerator the model holds. Create one in "
+            "the model's `__init__` (`self.seed_generator = keras.random.SeedGenerator(1337)`) "
+            "and pass `seed=self.seed_generator`, as Keras asks for under JAX."
+        )
 
 
 def run(parallel: Any, step: str, data: Any) -> Any:

@@ -605,3 +605,35 @@ def test_processes_warn_of_a_loss_normalized_per_process(tmp_path):
         if line.startswith("masked"):
             assert "masked 1 replicate: this model's loss is not a mean over its samples" in line
             assert "each of the 2 processes normalizes it over its own batch" in line
+
+
+class UnseededStep(InBatchContrastive):
+    """Its own train_step draws with `keras.random.normal` and no `seed=`: from Keras'
+    global SeedGenerator, which the model does not hold."""
+
+    def train_step(self, data):
+        x, y = data
+        x = x + 0.1 * keras.random.normal(ops.shape(x))
+        with tf.GradientTape() as tape:
+            loss = keras.losses.SparseCategoricalCrossentropy(True)(y, self(x, training=True))
+        self.optimizer.apply(tape.gradient(loss, self.trainable_weights), self.trainable_weights)
+        self.tracker.update_state(loss)
+        return {"loss": self.tracker.result()}
+
+
+def test_a_step_drawing_from_keras_global_seed_generator_is_named(devices):
+    model = UnseededStep()
+    model(X[:1])
+    report = replicate.check(_compiled(model), X, Y, devices=devices[:3])
+    (cause,) = report.causes
+    assert cause.startswith(
+        "the model's own train_step fails through the towers (UnseededRandom: A model's own "
+        "step drew random numbers with `keras.random` and no `seed=`, from Keras' global "
+        "SeedGenerator, which the model does not hold"
+    ), cause
+    parallel = _compiled(replicate.replicate(model, devices[:3], check=False))
+    before = _state(model)
+    with pytest.raises(RuntimeError, match=r"drew random numbers with `keras.random` and no"):
+        parallel.fit(X, Y, batch_size=12, epochs=1, verbose=0)
+    for a, b in zip(before, _state(model), strict=True):
+        np.testing.assert_array_equal(a, b)  # nothing half-applied
