@@ -17,7 +17,8 @@ import tensorflow as tf
 from replicate import meeting, moments, reduce, replica, state, tower_errors
 from replicate import merge as _merge
 from replicate.devices import canonical_device, validate_devices
-from replicate.tower import TowerPass, open_batch, row_states
+from replicate.tower import TowerPass, row_states
+from replicate.tracing import open_batch, refuse_xla
 
 LossFn = Callable[..., tf.Tensor]
 
@@ -147,13 +148,8 @@ class ReplicaBuilder:
 
     @jit_compile.setter
     def jit_compile(self, value: bool) -> None:
-        if value and self.synchronized:
-            raise ValueError(
-                "XLA per tower (jit_compile=True) cannot be combined with layers that "
-                "synchronize the towers (BatchNormalization(synchronized=True)): each "
-                "tower's XLA computation would have to pause in the middle to meet the "
-                "others. Use jit_compile=False, or synchronized=False."
-            )
+        if value:
+            refuse_xla(self.model, self.synchronized)
         self._jit_compile = bool(value)
         self.tower_pass.jit_compile = self._jit_compile
 

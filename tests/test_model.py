@@ -253,6 +253,31 @@ def test_multi_output_model_and_per_output_losses(jit, devices, classification_d
         np.testing.assert_allclose(history[key], expected[key], rtol=1e-5, err_msg=key)
 
 
+def _recurrent(unroll):
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((4, 6))
+    hidden = keras.layers.LSTM(5, unroll=unroll, name="lstm")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(3)(hidden))
+
+
+def test_xla_per_tower_refuses_a_recurrent_loop_and_trains_it_unrolled(devices, weight_diff):
+    # A loop's saved values cannot leave an XLA computation for the backward pass
+    # ("TensorList crossing the XLA/TF boundary"); unrolled, there is no loop.
+    parallel = replicate.replicate(_recurrent(False), devices[:2])
+    with pytest.raises(ValueError, match=r"cannot compile the loop of recurrent layers \['lstm'\]"):
+        parallel.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(24, 4, 6)).astype("float32"), rng.normal(size=(24, 3))
+    single = _recurrent(True)
+    single.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    single.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    model = _recurrent(True)
+    parallel = replicate.replicate(model, devices[:3], check=False)
+    parallel.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    parallel.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    assert weight_diff(model, single) <= 1e-5
+
+
 def test_bad_jit_compile_value(devices, mlp_factory):
     parallel = replicate.replicate(mlp_factory(), devices[:2])
     with pytest.raises(ValueError, match=r"Received: jit_compile='yes'"):
