@@ -15,7 +15,8 @@ train.py` on `a` and `--node-rank 1` on `b` (ports 29400 and up must be free
 and reachable on every host).
 
 Each process gets `TF_CONFIG` (every process of the job, as workers, rank
-order), and `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`; with several
+order), and `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`,
+`REPLICATE_LAUNCH=1`; with several
 processes on the host, also `TF_NUM_INTRAOP_THREADS`, `TF_NUM_INTEROP_THREADS` and
 `OMP_NUM_THREADS`, each the host's cores divided among them, where not already set
 (`replicate.threads`). Output
@@ -41,6 +42,8 @@ from replicate import threads
 
 # Seconds the other processes get to exit after SIGTERM, before SIGKILL.
 GRACE = 10.0
+# Set in every process it starts, so that a message can say which launcher to look at.
+LAUNCHED = "REPLICATE_LAUNCH"
 # One host: every address the launcher chooses is on the loopback interface.
 LOOPBACK = "127.0.0.1"
 
@@ -97,6 +100,7 @@ def environments(
                 "WORLD_SIZE": str(len(workers)),
                 "LOCAL_RANK": str(local),
                 "LOCAL_WORLD_SIZE": str(nproc),
+                LAUNCHED: "1",
                 "PYTHONUNBUFFERED": "1",
             }
         )

@@ -66,6 +66,18 @@ def test_launch_environments_one_host():
         ("0", "0", "2"),
         ("1", "1", "2"),
     ]
+    assert all(e[launch.LAUNCHED] == "1" for e in envs)
+
+
+def test_a_lost_process_message_names_what_started_the_job(monkeypatch):
+    # A job a cluster manager started (TF_CONFIG alone) is not a `replicate launch` job.
+    from replicate.backends.collective import CollectiveBackend
+
+    launcher = CollectiveBackend.launcher.fget
+    monkeypatch.setenv(launch.LAUNCHED, "1")
+    assert launcher(None) == "replicate launch"
+    monkeypatch.delenv(launch.LAUNCHED)
+    assert launcher(None) == "TF_CONFIG"
 
 
 def test_launch_environments_several_hosts():

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.processes, pytest.mark.slow]
 
 WORKER = Path(tf_config_worker.__file__)
 # What a launcher would add; a cluster manager sets TF_CONFIG only.
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "REPLICATE_LAUNCH")
 
 
 def _run(configs: dict[tuple[str, int], str], out: Path, timeout=600):

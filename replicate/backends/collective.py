@@ -112,8 +112,12 @@ class CollectiveBackend(Backend):
     """
 
     name = "collective"
-    launcher = "replicate launch"
     collectives_span_job = True
+
+    @property
+    def launcher(self) -> str:
+        """What started the job: `replicate launch`, or whatever set `TF_CONFIG`."""
+        return "replicate launch" if os.environ.get("REPLICATE_LAUNCH") else "TF_CONFIG"
 
     def __init__(
         self,
@@ -212,10 +216,14 @@ class CollectiveBackend(Backend):
         ) or "Collective ops is aborted" in str(error)
 
     def _lost_peer_hint(self) -> str:
+        first = (
+            "replicate launch names the process that exited first"
+            if self.launcher == "replicate launch"
+            else "the log of the process that exited first (your cluster manager's) says why"
+        )
         return (
-            "replicate launch names the process that exited first; one that stopped "
-            "answering is found by the health check, one stuck in its own code by its "
-            "watchdog."
+            f"{first}; one that stopped answering is found by the health check, one stuck "
+            "in its own code by its watchdog."
         )
 
     def _lost_peer_detail(self, error: BaseException) -> str:
