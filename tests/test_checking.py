@@ -435,9 +435,12 @@ class NoisyStep(InBatchContrastive):
     """Its own train_step adds noise drawn with `tf.random.normal` (as keras.io's conditional
     GAN draws its latent vectors): no Keras seed moves, and its loss is a plain mean."""
 
+    def noise(self, x):
+        return tf.random.normal(tf.shape(x))
+
     def train_step(self, data):
         x, y = data
-        x = x + tf.random.normal(tf.shape(x))
+        x = x + self.noise(x)
         with tf.GradientTape() as tape:
             loss = keras.losses.SparseCategoricalCrossentropy(True)(y, self(x, training=True))
         grads = tape.gradient(loss, self.trainable_weights)
@@ -607,18 +610,12 @@ def test_processes_warn_of_a_loss_normalized_per_process(tmp_path):
             assert "each of the 2 processes normalizes it over its own batch" in line
 
 
-class UnseededStep(InBatchContrastive):
+class UnseededStep(NoisyStep):
     """Its own train_step draws with `keras.random.normal` and no `seed=`: from Keras'
     global SeedGenerator, which the model does not hold."""
 
-    def train_step(self, data):
-        x, y = data
-        x = x + 0.1 * keras.random.normal(ops.shape(x))
-        with tf.GradientTape() as tape:
-            loss = keras.losses.SparseCategoricalCrossentropy(True)(y, self(x, training=True))
-        self.optimizer.apply(tape.gradient(loss, self.trainable_weights), self.trainable_weights)
-        self.tracker.update_state(loss)
-        return {"loss": self.tracker.result()}
+    def noise(self, x):
+        return 0.1 * keras.random.normal(ops.shape(x))
 
 
 def test_a_step_drawing_from_keras_global_seed_generator_is_named(devices):
