@@ -18,7 +18,7 @@ from replicate import meeting, moments, reduce, replica, state, tower_errors
 from replicate import merge as _merge
 from replicate.devices import canonical_device, validate_devices
 from replicate.tower import TowerPass, row_states
-from replicate.tracing import open_batch, refuse_xla
+from replicate.xla import refuse_xla
 
 LossFn = Callable[..., tf.Tensor]
 
@@ -299,13 +299,12 @@ class ReplicaBuilder:
         shared = not group.threaded and self.num_towers > 1
         weights = None if group.threaded else self._read(self.model.trainable_variables)
         call = meeting.call_index(self.tower_pass.keys) if group.in_graph else 0
-        parts = open_batch(slices.parts) if shared and not tf.executing_eagerly() else slices.parts
 
         def forward(i):
             with tower_errors.describing(i, self.devices, slices.batch):
                 return self.tower_pass.forward(
                     self.global_tower(i),
-                    parts[i],
+                    slices.parts[i],
                     slices.sizes[i],
                     values,
                     rows[i],
