@@ -31,6 +31,8 @@ _RANK = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "RANK")
 _SIZE = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE")
 _LOCAL_RANK = ("HOROVOD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "LOCAL_RANK")
 _LOCAL_SIZE = ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "LOCAL_WORLD_SIZE")
+# Set by `replicate launch` in every process it starts.
+LAUNCHED = "REPLICATE_LAUNCH"
 
 
 def _read(names: tuple[str, ...], default: int) -> int:
@@ -45,6 +47,12 @@ def _read(names: tuple[str, ...], default: int) -> int:
                     f"Received: {name}={value!r}"
                 ) from None
     return default
+
+
+def launched() -> bool:
+    """Whether `replicate launch` started this process (not a cluster manager's `TF_CONFIG`
+    alone, nor `horovodrun`)."""
+    return bool(os.environ.get(LAUNCHED))
 
 
 def process_rank() -> int:

@@ -39,11 +39,10 @@ import time
 from collections.abc import Sequence
 
 from replicate import threads
+from replicate.cluster import LAUNCHED  # set in every process it starts
 
 # Seconds the other processes get to exit after SIGTERM, before SIGKILL.
 GRACE = 10.0
-# Set in every process it starts, so that a message can say which launcher to look at.
-LAUNCHED = "REPLICATE_LAUNCH"
 # One host: every address the launcher chooses is on the loopback interface.
 LOOPBACK = "127.0.0.1"
 

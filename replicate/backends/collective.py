@@ -117,7 +117,7 @@ class CollectiveBackend(Backend):
     @property
     def launcher(self) -> str:
         """What started the job: `replicate launch`, or whatever set `TF_CONFIG`."""
-        return "replicate launch" if os.environ.get("REPLICATE_LAUNCH") else "TF_CONFIG"
+        return "replicate launch" if cluster_lib.launched() else "TF_CONFIG"
 
     def __init__(
         self,
